@@ -9,11 +9,12 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .initialize import teacher_layers
 
 # %% auto #0
 __all__ = ['TERMS', 'check_attentions', 'model_outputs', 'teacher_outputs', 'attention_dropout_off', 'masked_mse',
            'attention_loss', 'hidden_loss', 'embedding_loss', 'prediction_loss', 'classification_loss', 'KDLoss',
-           'default_teacher_layers', 'kd_loss_for']
+           'kd_loss_for']
 
 # %% ../nbs/04_losses.ipynb #24bf9396
 def check_attentions(model:nn.Module, # a transformers model
@@ -197,18 +198,6 @@ class KDLoss(nn.Module):
         zero = torch.zeros((), device=z_s.device)
         return total, {k: terms[k].detach() if k in terms else zero for k in TERMS}
 
-# %% ../nbs/04_losses.ipynb #5cd14f75
-def default_teacher_layers(n_teacher:int, # teacher depth N_T
-                           n_student:int # student depth N_S, must divide N_T
-                          ) -> list:
-    "0-based teacher layer per student layer for the paper's k = i·N_T/N_S (12→6: [1, 3, 5, 7, 9, 11])."
-    if n_student < 1 or n_teacher % n_student:
-        raise ValueError(f"A {n_student}-layer student cannot be mapped onto a {n_teacher}-layer teacher with "
-                         "k = i*N_T/N_S (N_S must divide N_T); set student.config.kdnb_teacher_layers to an explicit "
-                         "0-based list (kdnb.initialize.make_student(..., layer_map=...) does).")
-    step = n_teacher // n_student
-    return [step * (i + 1) - 1 for i in range(n_student)]
-
 # %% ../nbs/04_losses.ipynb #2cc2b6c1
 def kd_loss_for(student:nn.Module, # the student transformers model
                 teacher:nn.Module, # the fine-tuned teacher
@@ -226,7 +215,7 @@ def kd_loss_for(student:nn.Module, # the student transformers model
     if sc.num_labels != tc.num_labels:
         raise ValueError(f"The student has {sc.num_labels} labels and the teacher {tc.num_labels}; build the student "
                          "from the teacher (make_student) or with the teacher's label set.")
-    layers = getattr(sc, "kdnb_teacher_layers", None) or default_teacher_layers(tc.num_hidden_layers, sc.num_hidden_layers)
+    layers = getattr(sc, "kdnb_teacher_layers", None) or teacher_layers(tc.num_hidden_layers, sc.num_hidden_layers)
     if len(layers) != sc.num_hidden_layers or max(layers) >= tc.num_hidden_layers:
         raise ValueError(f"student.config.kdnb_teacher_layers={layers} does not fit a {sc.num_hidden_layers}-layer "
                          f"student and a {tc.num_hidden_layers}-layer teacher (one 0-based teacher layer per student layer).")
