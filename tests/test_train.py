@@ -1,5 +1,5 @@
 "Heavier tests for kdnb.train (the notebook holds the fast ones): exact resume, faults, NER + make_student, 2-process DDP."
-import json, os, shutil, subprocess, sys
+import json, os, shutil, signal, subprocess, sys
 from pathlib import Path
 
 import pytest, torch
@@ -159,8 +159,13 @@ def test_two_processes_gloo(tmp_path):
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO/"tests"/"ddp_train.py"), str(tmp_path)]
-    try: p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired: pytest.skip("torchrun did not finish in 240 s (busy machine?)")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)   # its own process group, so a hang can be killed whole
+    try: out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL); proc.communicate()
+        pytest.fail("torchrun with 2 CPU processes did not finish 4 steps in 240 s")
+    p = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if p.returncode != 0 and ("Address already in use" in p.stderr or "EADDRINUSE" in p.stderr
                               or "rendezvous" in p.stderr.lower() and "timeout" in p.stderr.lower()):
         pytest.skip(f"torchrun could not start its process group: {p.stderr[-500:]}")
