@@ -831,7 +831,7 @@ STUDY_PRESETS = {
                  batch_size=16, learning_rate=1e-4, max_length=32, trim=True, eval_subset=20, subsets=[0.2, 0.5, None],
                  subset_datasets=["demo-intent"]),
     "cpu-real": dict(models=["embedded"], datasets=["tsm"], seeds=[42], epochs=2, eval_steps=50, batch_size=16,
-                     learning_rate=1e-4, max_length=64, trim=True, train_sample=200, eval_subset=50,
+                     learning_rate=1e-4, max_length=64, trim=True, train_sample=150, eval_subset=50,
                      subsets=[0.1, 0.2, 0.5, None]),
     "paper": dict(models=["FacebookAI/xlm-roberta-base", "microsoft/mdeberta-v3-base"],
                   datasets=["massive", "tsm", "universal-ner"], seeds=[42, 43, 44], epochs=30, eval_steps=PAPER_EVAL_STEPS,
