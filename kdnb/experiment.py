@@ -828,10 +828,11 @@ STUDY_PRESETS = {
     "tiny": dict(models=["tiny-xlmr"], datasets=["demo-intent"], seeds=[0], epochs=1, max_steps=4, eval_steps=2,
                  batch_size=8, max_length=32, trim=True, subsets=[0.5, None]),
     "demo": dict(models=["embedded"], datasets=["demo-intent", "demo-ner"], seeds=[42], epochs=2, eval_steps=30,
-                 batch_size=16, learning_rate=1e-4, max_length=32, trim=True, eval_subset=20, subsets=[0.2, 0.5, None],
+                 batch_size=16, learning_rate={"demo-intent": 1e-4, "demo-ner": 3e-4}, max_length=32, trim=True,
+                 eval_subset=20, subsets=[0.2, 0.5, None],
                  subset_datasets=["demo-intent"]),
     "cpu-real": dict(models=["embedded"], datasets=["tsm"], seeds=[42], epochs=2, eval_steps=50, batch_size=16,
-                     learning_rate=1e-4, max_length=64, trim=True, train_sample=150, eval_subset=50,
+                     learning_rate=1e-4, max_length=64, trim=True, train_sample=80, eval_subset=40,
                      subsets=[0.1, 0.2, 0.5, None]),
     "paper": dict(models=["FacebookAI/xlm-roberta-base", "microsoft/mdeberta-v3-base"],
                   datasets=["massive", "tsm", "universal-ner"], seeds=[42, 43, 44], epochs=30, eval_steps=PAPER_EVAL_STEPS,
@@ -876,6 +877,7 @@ def section_grid(section:str|list, # a paper section in `SECTIONS` (or a list of
             fixed = {k: v for k, v in p.items() if k not in _PRESET_KEYS}
             if isinstance(fixed.get("eval_steps"), dict):
                 fixed["eval_steps"] = fixed["eval_steps"][sec if sec in ("4.1", "4.2", "4.3") else "4.1"][ds]
+            fixed = {k: v[ds] if isinstance(v, dict) else v for k, v in fixed.items()}   # per-dataset values
             fixed.update(model=model, dataset=ds, seed=seed)
             for s in _section_specs(sec, fixed, p.get("subsets") or [None]): out.setdefault(s.spec_id, s)
     return list(out.values())
