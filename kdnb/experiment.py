@@ -13,13 +13,13 @@ from tqdm.auto import tqdm
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['INITS', 'SPEC_INITS', 'COPY_SOURCES', 'LANGUAGE_SETS', 'TINY_MODELS', 'STORE_FILE', 'SPEC_COLUMNS', 'RESULT_COLUMNS',
+__all__ = ['SPEC_INITS', 'COPY_SOURCES', 'LANGUAGE_SETS', 'TINY_MODELS', 'STORE_FILE', 'SPEC_COLUMNS', 'RESULT_COLUMNS',
            'SECTIONS', 'PAPER_EVAL_STEPS', 'STUDY_PRESETS', 'SpecError', 'Spec', 'grid', 'load_specs', 'Store',
            'teacher_dir', 'ensure_teacher', 'GridFailed', 'run_grid', 'results', 'results_by_language', 'curves',
            'run_dir', 'check_ready', 'run_spec', 'section_grid', 'baseline_scores']
 
 # %% ../nbs/07_experiment.ipynb #b53f11d7
-INITS = ("from-teacher", "from-base", "from-scratch")
+from .initialize import INITS   # the three student initializations
 SPEC_INITS = INITS + ("teacher", "copy-only")
 COPY_SOURCES = ("from-teacher", "from-base")
 LANGUAGE_SETS = ("all", "seen", "unseen", "english")
@@ -891,15 +891,16 @@ def baseline_scores(dataset:str, # a benchmark name
                     average:str="macro", # classification: `macro` F1 (the models' metric) or `micro` (accuracy)
                     runs:int=30, # NER: random taggings to average
                     seed:int=0, # NER: seed of the random taggings
+                    data_dir=None, # data folder for `kdnb.data.load_benchmark` (None: its default search)
                    )->dict:
     "Chance-level test F1 of `dataset` per test language plus their `mean`: majority class, or random NER tags."
     from kdnb.data import BENCHMARKS, load_benchmark, stratified_subset
     from kdnb.metrics import majority_baseline, random_ner_baseline
     Spec(dataset=dataset, train_languages=_langs(train_languages), test_languages=_langs(test_languages))  # validates
     b = BENCHMARKS[dataset]
-    test = load_benchmark(dataset, languages=test_languages)["test"]
+    test = load_benchmark(dataset, languages=test_languages, data_dir=data_dir)["test"]
     if eval_subset is not None: test = stratified_subset(test, eval_subset, seed=0)
-    train = load_benchmark(dataset, languages=train_languages)["train"] if b.task == "classification" else None
+    train = load_benchmark(dataset, languages=train_languages, data_dir=data_dir)["train"] if b.task == "classification" else None
     by_lang, tl = {}, list(test["language"])
     for lang in dict.fromkeys(tl):
         t = test.select([i for i, l in enumerate(tl) if l == lang])

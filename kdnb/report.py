@@ -12,11 +12,11 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 
 # %% auto #0
-__all__ = ['PAPER_MODELS', 'PAPER_DATASETS', 'INIT_ORDER', 'KD_LABELS', 'DATASET_ANALOGUES', 'KEYS', 'DONE', 'SECTIONS',
-           'TABLE_LAYOUT', 'paper_dir', 'paper_results', 'paper_table', 'normalize', 'summarize', 'fake_results',
-           'layout', 'style', 'to_markdown', 'select', 'baselines', 'compare_with_paper', 'curves', 'claims',
-           'plot_bars', 'plot_vs_paper', 'plot_subsets', 'plot_convergence', 'table', 'verdicts', 'convergence_table',
-           'study_path', 'load_results', 'run_section', 'save_outputs']
+__all__ = ['PAPER_MODELS', 'PAPER_DATASETS', 'INIT_ORDER', 'KD_LABELS', 'DATASET_ANALOGUES', 'KEYS', 'DONE', 'TABLE_LAYOUT',
+           'paper_dir', 'paper_results', 'paper_table', 'normalize', 'summarize', 'fake_results', 'layout', 'style',
+           'to_markdown', 'select', 'baselines', 'compare_with_paper', 'curves', 'claims', 'plot_bars', 'plot_vs_paper',
+           'plot_subsets', 'plot_convergence', 'table', 'verdicts', 'convergence_table', 'study_path', 'load_results',
+           'run_section', 'save_outputs']
 
 # %% ../nbs/08_report.ipynb #ca7686c4
 PAPER_MODELS = {"xlm-roberta-base": "XLM-R", "mdeberta-v3-base": "mDeBERTa"} # paper model -> display name
@@ -288,7 +288,7 @@ def to_markdown(t:pd.DataFrame, # output of `layout`
     return "\n".join(lines)
 
 # %% ../nbs/08_report.ipynb #408149fb
-SECTIONS = ("4.1", "4.2", "4.3", "5.1", "5.2", "5.3")
+from .experiment import SECTIONS   # the paper sections kdnb runs
 
 def select(df:pd.DataFrame, # results-shaped frame (normalized here)
            section:str, # one of `SECTIONS`
@@ -318,8 +318,8 @@ def baselines(datasets, # benchmark names, e.g. `["tsm"]` or `["demo-intent", "d
               average:str="micro", # classification: `micro` (accuracy, the paper's random score) or `macro` F1
              ) -> pd.DataFrame:
     "Majority-class (classification) and random (NER) baseline test F1 per dataset, as results rows."
-    from kdnb.data import BENCHMARKS, load_benchmark
-    from kdnb.metrics import majority_baseline, random_ner_baseline
+    from kdnb.data import BENCHMARKS
+    from kdnb.experiment import baseline_scores
     datasets, test_languages = list(datasets), [test_languages] if isinstance(test_languages, str) else list(test_languages)
     for ds in datasets:
         if ds not in BENCHMARKS: raise ValueError(f"Unknown dataset {ds!r}; use one of {sorted(BENCHMARKS)}.")
@@ -331,20 +331,11 @@ def baselines(datasets, # benchmark names, e.g. `["tsm"]` or `["demo-intent", "d
         for tl in test_languages:
             hit = old[(old.dataset == ds) & (old.test_languages == tl) & (old.get("average", "micro") == average)]
             if len(hit): rows.append(hit.iloc[0].to_dict()); continue
-            train = load_benchmark(ds, languages="all", data_dir=data_dir)["train"].to_pandas()
-            test = load_benchmark(ds, languages=tl, data_dir=data_dir)["test"].to_pandas()
-            by_lang = {}
-            for lang, t in test.groupby("language"):
-                if b.task == "classification":  # the majority class of the language's own training data
-                    tr = train[train.language == lang] if (train.language == lang).any() else train
-                    by_lang[lang] = float(majority_baseline(tr.label.tolist(), t.label.tolist(), average=average))
-                else:
-                    names = list(b.label_names)
-                    gold = [[names[i] for i in tags] for tags in t.ner_tags]
-                    by_lang[lang] = float(random_ner_baseline(gold, names, runs=runs, seed=seed))
+            by_lang = baseline_scores(ds, tl, average=average, runs=runs, seed=seed, data_dir=data_dir)
+            mean = by_lang.pop("mean")
             rows.append(dict(spec_id=f"baseline-{ds}-{tl}", model=None, dataset=ds, init="baseline", kd=None, layers=np.nan,
                              hidden=np.nan, train_languages="all", test_languages=tl, subset=1.0, seed=seed, dev_f1=np.nan,
-                             test_f1=float(np.mean(list(by_lang.values()))), test_f1_by_language=json.dumps(by_lang),
+                             test_f1=mean, test_f1_by_language=json.dumps(by_lang),
                              best_step=np.nan, wall_time=np.nan, curve="[]",
                              status="baseline", average=average,
                              kind="majority" if b.task == "classification" else f"random x{runs}"))
