@@ -247,13 +247,13 @@ class DistillationTrainer(KdnbTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training: return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs["labels"]
-        s_out = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_attentions=True,
+        labels, att = inputs["labels"], bool(self.kd_loss.weights["att"])   # attention maps only when L_att is on
+        s_out = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_attentions=att,
                       output_hidden_states=True)
         if self.teacher.training: self.teacher.eval()
         with torch.no_grad(), self.accelerator.autocast():
             t_out = self.teacher(**{k: v for k, v in inputs.items() if k in _TEACHER_INPUTS},
-                                 output_attentions=True, output_hidden_states=True)
+                                 output_attentions=att, output_hidden_states=True)
         total, terms = self.kd_loss(s_out, t_out, labels, inputs["attention_mask"])
         self.check_finite(total, terms)
         for k, v in terms.items():
