@@ -31,23 +31,67 @@ def check_attentions(model:nn.Module, # a transformers model
 # %% ../nbs/04_losses.ipynb #195ede97
 _NOT_INPUTS = {"labels", "output_attentions", "output_hidden_states", "return_dict", "kwargs"}
 
+def _model_inputs(model, batch):
+    accepted = inspect.signature(model.forward).parameters
+    return {k: v for k, v in batch.items() if k in accepted and k not in _NOT_INPUTS}
+
 def model_outputs(model:nn.Module, # a transformers model with eager attention
                   batch:dict, # tokenized batch: input_ids, attention_mask, ... (labels and extra columns are ignored)
                   attentions:bool=True # also return attention maps (needs eager attention)
                  ):
     "Run `model` on `batch` returning logits, all hidden states and (if `attentions`) all attention maps."
     if attentions: check_attentions(model)
-    accepted = inspect.signature(model.forward).parameters
-    inputs = {k: v for k, v in batch.items() if k in accepted and k not in _NOT_INPUTS}
-    return model(**inputs, output_attentions=attentions, output_hidden_states=True, return_dict=True)
+    return model(**_model_inputs(model, batch), output_attentions=attentions, output_hidden_states=True, return_dict=True)
+
+
+# %% ../nbs/04_losses.ipynb #09c0e1b3
+def _recorded(model, key):
+    "Modules transformers hooks to record `key` for `model`, in forward order, and the output index (None if unknown)."
+    spec = (getattr(type(model), "_can_record_outputs", None) or {}).get(key)
+    if spec is None or isinstance(spec, (list, tuple, str)): return None
+    cls = getattr(spec, "target_class", spec)
+    if not isinstance(cls, type) or getattr(spec, "layer_name", None) or getattr(spec, "class_name", None): return None
+    index = getattr(spec, "index", 0 if key == "hidden_states" else 1)
+    mods = [m for m in model.modules() if isinstance(m, cls)]
+    return (mods, index) if len(mods) == model.config.num_hidden_layers else None
+
+def _pick(out, index): return out if torch.is_tensor(out) else out[index]
+
+def _selected_outputs(model, inputs, layers, attentions):
+    "Logits plus the hidden states and attention maps of `layers` only (None elsewhere); None if the model is not hookable."
+    hid, att = _recorded(model, "hidden_states"), (_recorded(model, "attentions") if attentions else None)
+    if hid is None or (attentions and att is None): return None
+    n = model.config.num_hidden_layers
+    hs, at, hooks = [None] * (n + 1), [None] * n, []
+    def first_input(m, args, kwargs): hs[0] = args[0] if args else kwargs["hidden_states"]
+    try:
+        hooks.append(hid[0][0].register_forward_pre_hook(first_input, with_kwargs=True))
+        for k in layers:
+            hooks.append(hid[0][k].register_forward_hook(lambda m, a, o, k=k: hs.__setitem__(k + 1, _pick(o, hid[1]))))
+            if attentions:
+                hooks.append(att[0][k].register_forward_hook(lambda m, a, o, k=k: at.__setitem__(k, _pick(o, att[1]))))
+        out = model(**inputs, return_dict=True)
+    finally:
+        for h in hooks: h.remove()
+    if hs[0] is None or any(hs[k + 1] is None or (attentions and at[k] is None) for k in layers): return None
+    return type(out)(logits=out.logits, hidden_states=tuple(hs), attentions=tuple(at) if attentions else None)
 
 def teacher_outputs(teacher:nn.Module, # the fine-tuned teacher (eager attention)
                     batch:dict, # tokenized batch
-                    attentions:bool=True # also return attention maps
+                    attentions:bool=True, # also return attention maps
+                    layers:list|None=None # 0-based teacher layers the loss reads (others come back as None); None: all
                    ):
-    "Run the `teacher` in eval mode (no dropout; it is left in eval mode) without gradients."
+    "Run the `teacher` in eval mode (it is left in eval mode) without gradients; with `layers`, keep only theirs."
     teacher.eval()
-    with torch.no_grad(): return model_outputs(teacher, batch, attentions)
+    with torch.no_grad():
+        if layers is None: return model_outputs(teacher, batch, attentions)
+        if attentions: check_attentions(teacher, "teacher")
+        n = teacher.config.num_hidden_layers
+        bad = [k for k in layers if not 0 <= int(k) < n]
+        if bad: raise ValueError(f"layers {list(layers)} name teacher layers {bad}, but the teacher has {n} (0-based).")
+        out = _selected_outputs(teacher, _model_inputs(teacher, batch), [int(k) for k in layers], attentions)
+        return out if out is not None else model_outputs(teacher, batch, attentions)
+
 
 # %% ../nbs/04_losses.ipynb #645fcf87
 def _attention_dropouts(model):
@@ -71,13 +115,17 @@ def attention_dropout_off(model:nn.Module # XLM-R, BERT or DeBERTa-v2 transforme
 # %% ../nbs/04_losses.ipynb #45a039ba
 def masked_mse(a:torch.Tensor, # prediction
                b:torch.Tensor, # target, same shape as `a`
-               mask:torch.Tensor # 1 for entries that count; broadcastable to `a`
+               mask:torch.Tensor # 1 for entries that count, 0 elsewhere; broadcastable to `a`
               ) -> torch.Tensor:
     "Mean squared error between `a` and `b` over the entries where `mask` is 1 (0 when none is)."
     if a.shape != b.shape: raise ValueError(f"Cannot compare tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}.")
-    m = torch.broadcast_to(mask.bool(), a.shape)
-    sq = torch.where(m, (a.float() - b.float()) ** 2, 0.)
-    return sq.sum() / m.sum().clamp(min=1)
+    try: ok = torch.broadcast_shapes(mask.shape, a.shape) == a.shape
+    except RuntimeError: ok = False
+    if not ok: raise ValueError(f"The mask of shape {tuple(mask.shape)} does not broadcast to the compared shape {tuple(a.shape)}.")
+    m = mask.to(torch.float32)
+    count = m.sum() * (a.numel() // max(m.numel(), 1))   # each mask entry stands for that many entries of `a`
+    return (F.mse_loss(a.float(), b.float(), reduction="none") * m).sum() / count.clamp(min=1)
+
 
 # %% ../nbs/04_losses.ipynb #911b416d
 def _check_layers(n_student, n_teacher, teacher_layers, what):
@@ -97,7 +145,7 @@ def attention_loss(att_s:tuple, # student attention maps, one (batch, heads, q, 
     if not att_s or not att_t: raise ValueError("No attention maps in the model outputs; run the models with "
                                                 "output_attentions=True and eager attention (see `model_outputs`).")
     _check_layers(len(att_s), len(att_t), teacher_layers, "attention maps")
-    if att_s[0].shape[1] != att_t[0].shape[1]:
+    if att_s[0].shape[1] != att_t[teacher_layers[0]].shape[1]:
         raise ValueError(f"The student has {att_s[0].shape[1]} attention heads and the teacher {att_t[0].shape[1]}: "
                          "the attention loss pairs head j with head j, so keep the teacher's head count "
                          "(make_student does) or switch the term off with w_att=0.")

@@ -18,7 +18,7 @@ from transformers.trainer_callback import PrinterCallback
 import kdnb
 from .models import auto_class
 from .data import collator, tokenize, NER_LABELS
-from .losses import kd_loss_for
+from .losses import kd_loss_for, teacher_outputs
 from .metrics import compute_metrics, scores_by_language
 
 # %% auto #0
@@ -250,10 +250,9 @@ class DistillationTrainer(KdnbTrainer):
         labels, att = inputs["labels"], bool(self.kd_loss.weights["att"])   # attention maps only when L_att is on
         s_out = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_attentions=att,
                       output_hidden_states=True)
-        if self.teacher.training: self.teacher.eval()
-        with torch.no_grad(), self.accelerator.autocast():
-            t_out = self.teacher(**{k: v for k, v in inputs.items() if k in _TEACHER_INPUTS},
-                                 output_attentions=att, output_hidden_states=True)
+        with self.accelerator.autocast():   # eval mode, no gradients, only the mapped layers' outputs kept
+            t_out = teacher_outputs(self.teacher, {k: v for k, v in inputs.items() if k in _TEACHER_INPUTS},
+                                    attentions=att, layers=self.kd_loss.teacher_layers)
         total, terms = self.kd_loss(s_out, t_out, labels, inputs["attention_mask"])
         self.check_finite(total, terms)
         for k, v in terms.items():

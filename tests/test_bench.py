@@ -1,0 +1,37 @@
+"""The benchmarks run (smoke mode: tiny models, one repeat); no timing is asserted, only that every figure is produced
+and that the cross-checks inside them hold (kdnb's loss = TextBrewer's on the same batch, trimming leaves logits equal)."""
+import json, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def test_bench_kd_smoke(tmp_path):
+    pytest.importorskip("textbrewer", reason="TextBrewer is not installed: pip install -e '.[bench]'")
+    out = tmp_path / "kd"
+    p = subprocess.run([sys.executable, "bench/bench_kd.py", "--smoke", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "kd.json").read_text())
+    assert set(r["kd"]) == {"2 layers, width 64", "2 layers, width 32"}   # same width (no W) and half width (W)
+    for s in r["kd"].values():
+        assert {"floor", "kdnb", "textbrewer"} <= set(s["median"]) and all(v > 0 for v in s["median"].values())
+        assert s["kdnb_over_floor"] > 0 and s["kdnb_over_textbrewer"] > 0
+        lc = s["loss_check"]   # same loss definition, same W: the two libraries agree to float precision
+        assert lc["kdnb"] == pytest.approx(lc["textbrewer"], rel=1e-5) and lc["kdnb"] > 0
+        assert {"floor", "kdnb", "textbrewer"} <= set(s["memory"])
+    for t in r["trim"].values():
+        assert t["vocab"]["trimmed"] < t["vocab"]["full"] and t["params"]["trimmed"] < t["params"]["full"]
+        assert t["max_abs_logit_diff"] <= 1e-5 and set(t["speedup"]) == {"kdnb", "foreach"}
+    inf = r["inference"]
+    assert inf["params"]["student"] < inf["params"]["teacher"] and inf["student_over_teacher"] > 0
+    md = (out / "kd.md").read_text()
+    for head in ("kdnb / TextBrewer", "Peak memory", "Vocabulary trimming", "Student / teacher latency", "Machine:"):
+        assert head in md
+
+def test_bench_loss_runs():
+    p = subprocess.run([sys.executable, "bench/bench_loss.py", "--repeats", "1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [l for l in p.stdout.splitlines() if "same loss" in l]
+    assert len(lines) == 2 and all(l.endswith("same loss: True") for l in lines), p.stdout
