@@ -13,8 +13,8 @@ from .initialize import teacher_layers
 
 # %% auto #0
 __all__ = ['TERMS', 'check_attentions', 'model_outputs', 'teacher_outputs', 'attention_dropout_off', 'masked_mse',
-           'attention_loss', 'hidden_loss', 'embedding_loss', 'prediction_loss', 'classification_loss', 'KDLoss',
-           'kd_loss_for']
+           'attention_loss', 'real_tokens', 'hidden_loss', 'embedding_loss', 'prediction_loss', 'classification_loss',
+           'KDLoss', 'kd_loss_for']
 
 # %% ../nbs/04_losses.ipynb #24bf9396
 def check_attentions(model:nn.Module, # a transformers model
@@ -152,6 +152,13 @@ def attention_loss(att_s:tuple, # student attention maps, one (batch, heads, q, 
     pair = (mask[:, None, :, None] * mask[:, None, None, :]).bool()   # (batch, 1, q, k)
     return torch.stack([masked_mse(att_s[i], att_t[k], pair) for i, k in enumerate(teacher_layers)]).mean()
 
+def real_tokens(mask:torch.Tensor # (batch, seq) attention mask
+               ) -> torch.Tensor:
+    "Positions of the real tokens in the flattened (batch * seq) mask."
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+def _gather(h, idx): return h.flatten(0, 1).index_select(0, idx)   # (batch, seq, d) -> (real tokens, d)
+
 def hidden_loss(hs_s:tuple, # student hidden states: embedding output, then one per layer
                 hs_t:tuple, # teacher hidden states, same layout
                 teacher_layers:list, # 0-based teacher layer for each student layer
@@ -161,8 +168,9 @@ def hidden_loss(hs_s:tuple, # student hidden states: embedding output, then one 
     "L_hid: MSE between W·H_S^i and H_T^k over real tokens, averaged over student layers."
     _check_layers(len(hs_s) - 1, len(hs_t) - 1, teacher_layers, "layer outputs")
     W = proj if proj is not None else nn.Identity()
-    tok = mask[:, :, None].bool()
-    return torch.stack([masked_mse(W(hs_s[i + 1].float()), hs_t[k + 1], tok)
+    idx = real_tokens(mask)
+    if not len(idx): return hs_s[-1].float().sum() * 0.
+    return torch.stack([F.mse_loss(W(_gather(hs_s[i + 1], idx).float()), _gather(hs_t[k + 1], idx).float())
                         for i, k in enumerate(teacher_layers)]).mean()
 
 def embedding_loss(emb_s:torch.Tensor, # student embedding output (hidden_states[0]), (batch, seq, d_S)
@@ -172,7 +180,9 @@ def embedding_loss(emb_s:torch.Tensor, # student embedding output (hidden_states
                   ) -> torch.Tensor:
     "L_embd: MSE between W·E_S and E_T over real tokens."
     W = proj if proj is not None else nn.Identity()
-    return masked_mse(W(emb_s.float()), emb_t, mask[:, :, None].bool())
+    idx = real_tokens(mask)
+    if not len(idx): return emb_s.float().sum() * 0.
+    return F.mse_loss(W(_gather(emb_s, idx).float()), _gather(emb_t, idx).float())
 
 # %% ../nbs/04_losses.ipynb #b4959a11
 def prediction_loss(z_s:torch.Tensor, # student logits: (batch, classes) or (batch, seq, classes) for ner

@@ -34,4 +34,4 @@ def test_bench_loss_runs():
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [l for l in p.stdout.splitlines() if "same loss" in l]
-    assert len(lines) == 2 and all(l.endswith("same loss: True") for l in lines), p.stdout
+    assert len(lines) == 3 and all(l.endswith("same loss: True") for l in lines), p.stdout
