@@ -155,7 +155,7 @@ def kdnb_step(trainer):
         trainer.optimizer.step(); trainer.optimizer.zero_grad(set_to_none=True)
     return step
 
-def make_trainer(student, teacher, batch, out_dir, bf16=False):
+def make_trainer(student, teacher, batch, out_dir, bf16=False, compile=False):
     "kdnb's `DistillationTrainer` prepared as its training loop prepares it (accelerate: autocast when bf16)."
     kd = kd_loss_for(student, teacher, "classification")
     args = training_arguments(dict(learning_rate=5e-5, batch_size=batch["input_ids"].shape[0], bf16=bf16), out_dir,
@@ -163,6 +163,7 @@ def make_trainer(student, teacher, batch, out_dir, bf16=False):
     tr = DistillationTrainer(student, args=args, teacher=teacher, kd_loss=kd)
     tr.create_optimizer()
     tr.model_wrapped = tr.accelerator.prepare(tr.model)
+    if compile: tr.model_wrapped = torch.compile(tr.model_wrapped)   # what accelerate does for torch_compile=True
     tr.optimizer = tr.accelerator.prepare(tr.optimizer)
     tr.current_gradient_accumulation_steps = 1   # set by `train()`; read by `training_step`
     tr._kdnb_batch = batch
@@ -230,16 +231,17 @@ def losses_agree(trainer, distiller, batch) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------ sections
 def profile_table(fn, device, steps:int=3, rows:int=25) -> str:
-    "torch.profiler table (top `rows` ops by self time) over `steps` calls of `fn`."
+    "torch.profiler table (top `rows` ops by self time) over `steps` calls of `fn` (after one unprofiled call)."
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
     with profile(activities=acts) as prof:
         for _ in range(steps): fn()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48)
 
 def kd_section(teacher, student0, batch, device, warmup, repeats, tmp, textbrewer:bool, profile:bool=False,
-               bf16:bool=False):
+               bf16:bool=False, compile:bool=False):
     "Floor, kdnb and TextBrewer steps on copies of `student0` (and the bf16 floor and kdnb); loss cross-check; peak memory."
     cfg_s, cfg_t = student0.config, teacher.config
     layers = list(cfg_s.kdnb_teacher_layers)
@@ -251,6 +253,9 @@ def kd_section(teacher, student0, batch, device, warmup, repeats, tmp, textbrewe
         s_floor16, s_kdnb16 = (copy.deepcopy(student0).to(device) for _ in range(2))
         fns["floor_bf16"] = autocast_floor_step(teacher, s_floor16, batch, optimizer_for(s_floor16.parameters(), tr.args), device)
         fns["kdnb_bf16"] = kdnb_step(make_trainer(s_kdnb16, teacher, batch, tmp / "trainer16", bf16=True))
+    if compile:
+        s_comp = copy.deepcopy(student0).to(device)
+        fns["kdnb_compiled"] = kdnb_step(make_trainer(s_comp, teacher, batch, tmp / "trainer_c", compile=True))
     res = dict(layers=layers, student_hidden=cfg_s.hidden_size, teacher_hidden=cfg_t.hidden_size)
     if textbrewer:
         d = textbrewer_distiller(s_tb, teacher, layers, cfg_s.hidden_size, cfg_t.hidden_size, tmp / "tb", device,
@@ -266,11 +271,14 @@ def kd_section(teacher, student0, batch, device, warmup, repeats, tmp, textbrewe
     res["median"] = {k: median(v) for k, v in times.items()}
     res["kdnb_over_floor"] = res["median"]["kdnb"] / res["median"]["floor"]
     if textbrewer: res["kdnb_over_textbrewer"] = res["median"]["kdnb"] / res["median"]["textbrewer"]
+    if compile:
+        res["kdnb_compiled_over_floor"] = res["median"]["kdnb_compiled"] / res["median"]["floor"]
+        if textbrewer: res["kdnb_compiled_over_textbrewer"] = res["median"]["kdnb_compiled"] / res["median"]["textbrewer"]
     if bf16:
         res["kdnb_bf16_over_floor_bf16"] = res["median"]["kdnb_bf16"] / res["median"]["floor_bf16"]
         if textbrewer: res["kdnb_bf16_over_textbrewer"] = res["median"]["kdnb_bf16"] / res["median"]["textbrewer"]
+    if profile: res["profile"] = {k: profile_table(fn, device) for k, fn in fns.items()}   # before memory: steady state
     res["memory"] = {k: peak_memory(fn, device) for k, fn in fns.items()}
-    if profile: res["profile"] = {k: profile_table(fn, device) for k, fn in fns.items()}
     return res
 
 def trim_section(models:dict, keep_ids, batch_full, device, warmup, repeats, optimizers=("kdnb", "foreach")):
@@ -328,72 +336,92 @@ def inference_section(models:dict, batch, device, warmup, repeats):
 def fmt_s(x): return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
 def mib(x): return f"{x / 2**20:,.0f} MiB"
 
-def markdown(r) -> str:
-    m, out = r["machine"], []
-    out += [f"Command: `{r['command']}`", "",
-            f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['ram_gb']} GiB RAM, device {m['device']}"
-            f"{' (' + m['gpu'] + ')' if m['gpu'] else ''}, torch {m['torch']} ({m['torch_threads']} threads), "
-            f"transformers {m['transformers']}, TextBrewer {m['textbrewer']}, Python {m['python']}. kdnb: {m['kdnb']}.", "",
-            f"Models: {r['models']}. Data: {r['data']}. Batch {r['batch']}x{r['length']} tokens "
-            f"({r['real_tokens']} real, the rest padding). {r['warmup']} warm-up + {r['repeats']} timed steps per "
-            "variant, interleaved; medians (min-max).", ""]
+VARIANTS = {"floor": "floor", "kdnb": "kdnb KD step", "textbrewer": "TextBrewer step", "floor_bf16": "floor, bf16",
+            "kdnb_bf16": "kdnb, bf16", "kdnb_compiled": "kdnb, compiled"}
+
+def _ratio(s, k): return f"{s[k]:.3f}" if k in s else "-"
+
+def _cell(s, k):
+    t = s["times"]
+    return f"{fmt_s(s['median'][k])} ({fmt_s(min(t[k]))}-{fmt_s(max(t[k]))})" if k in t else "-"
+
+def _per_variant(kd, value) -> list:
+    "A table with one column per variant that ran, `value(section, variant)` in each cell."
+    ks = [k for k in VARIANTS if any(k in s["times"] for s in kd.values())]
+    rows = ["| student | " + " | ".join(VARIANTS[k] for k in ks) + " |", "|---" * (len(ks) + 1) + "|"]
+    return rows + [f"| {name} | " + " | ".join(value(s, k) if k in s["times"] else "-" for k in ks) + " |"
+                   for name, s in kd.items()]
+
+def md_kd(r) -> list:
+    kd, out = r["kd"], []
     out += ["fp32 (every variant):", "",
             "| student | floor | kdnb KD step | TextBrewer step | kdnb / floor | kdnb / TextBrewer | loss kdnb vs TextBrewer |",
             "|---|---|---|---|---|---|---|"]
-    ratio = lambda s, k: f"{s[k]:.3f}" if k in s else "-"
-    for name, s in r["kd"].items():
-        t = s["times"]
-        cell = lambda k: f"{fmt_s(s['median'][k])} ({fmt_s(min(t[k]))}-{fmt_s(max(t[k]))})" if k in t else "-"
+    for name, s in kd.items():
         lc = s["loss_check"]
-        out.append(f"| {name} | {cell('floor')} | {cell('kdnb')} | {cell('textbrewer')} | {ratio(s, 'kdnb_over_floor')} | "
-                   f"{ratio(s, 'kdnb_over_textbrewer')} | "
+        out.append(f"| {name} | {_cell(s, 'floor')} | {_cell(s, 'kdnb')} | {_cell(s, 'textbrewer')} | "
+                   f"{_ratio(s, 'kdnb_over_floor')} | {_ratio(s, 'kdnb_over_textbrewer')} | "
                    f"{'%.6f vs %.6f' % (lc['kdnb'], lc['textbrewer']) if lc else '-'} |")
-    if any("kdnb_bf16" in s["times"] for s in r["kd"].values()):
+    if any("kdnb_bf16" in s["times"] for s in kd.values()):
         out += ["", "bf16 autocast (kdnb `TrainSettings(bf16=True)`; weights, optimizer and KD loss in fp32), against "
                 "TextBrewer in fp32 (its only mixed precision is apex fp16 on CUDA):", "",
                 "| student | floor, bf16 | kdnb KD step, bf16 | kdnb bf16 / floor bf16 | kdnb bf16 / TextBrewer fp32 |",
                 "|---|---|---|---|---|"]
-        for name, s in r["kd"].items():
-            t = s["times"]
-            cell = lambda k: f"{fmt_s(s['median'][k])} ({fmt_s(min(t[k]))}-{fmt_s(max(t[k]))})" if k in t else "-"
-            out.append(f"| {name} | {cell('floor_bf16')} | {cell('kdnb_bf16')} | {ratio(s, 'kdnb_bf16_over_floor_bf16')} | "
-                       f"{ratio(s, 'kdnb_bf16_over_textbrewer')} |")
-    out += ["", "Peak memory of one step (" + next(iter(r["kd"].values()))["memory"]["floor"]["kind"] +
-            "; high-water mark during the step minus the level before it):", "",
-            "| student | floor | kdnb KD step | TextBrewer step | floor, bf16 | kdnb, bf16 |", "|---|---|---|---|---|---|"]
-    for name, s in r["kd"].items():
-        mm = s["memory"]
-        out.append(f"| {name} | " + " | ".join(mib(mm[k]["peak"] - mm[k]["before"]) if k in mm else "-"
-                                              for k in ("floor", "kdnb", "textbrewer", "floor_bf16", "kdnb_bf16")) + " |")
+        out += [f"| {name} | {_cell(s, 'floor_bf16')} | {_cell(s, 'kdnb_bf16')} | {_ratio(s, 'kdnb_bf16_over_floor_bf16')} | "
+                f"{_ratio(s, 'kdnb_bf16_over_textbrewer')} |" for name, s in kd.items()]
+    if any("kdnb_compiled" in s["times"] for s in kd.values()):
+        out += ["", "torch.compile (inductor) on the student inside kdnb's Trainer step, fp32 (compilation happens in "
+                "the warm-up steps and is not timed):", "",
+                "| student | kdnb KD step, compiled | compiled / floor | compiled / TextBrewer |", "|---|---|---|---|"]
+        out += [f"| {name} | {_cell(s, 'kdnb_compiled')} | {_ratio(s, 'kdnb_compiled_over_floor')} | "
+                f"{_ratio(s, 'kdnb_compiled_over_textbrewer')} |" for name, s in kd.items()]
+    kind = next(iter(kd.values()))["memory"]["floor"]["kind"]
+    out += ["", f"Peak memory of one step ({kind}; high-water mark during the step minus the level before it):", ""]
+    out += _per_variant(kd, lambda s, k: mib(s["memory"][k]["peak"] - s["memory"][k]["before"]))
     if r["machine"]["device"] == "cpu":
-        out += ["", "Minor page faults per timed step (median; fresh pages the allocator had to get from the kernel):", "",
-                "| student | floor | kdnb KD step | TextBrewer step | floor, bf16 | kdnb, bf16 |", "|---|---|---|---|---|---|"]
-        for name, s in r["kd"].items():
-            pf = s["page_faults"]
-            out.append(f"| {name} | " + " | ".join(f"{pf[k]:,.0f}" if k in pf else "-"
-                                                  for k in ("floor", "kdnb", "textbrewer", "floor_bf16", "kdnb_bf16")) + " |")
-    out += ["", f"Vocabulary trimming to the data's tokens: one plain training step (forward, backward, optimizer) "
-            f"of the 12-layer model, full vs trimmed vocabulary ({r['trim_repeats']} timed steps each); logits compared "
-            "in eval mode on the same batch. Optimizers: `kdnb` = what kdnb's Trainer uses (transformers' default, "
-            "fused AdamW); `foreach` = `torch.optim.AdamW` defaults.", "",
-            "| model | vocabulary | parameters | optimizer | step, full | step, trimmed | speed-up | max abs logit diff |",
-            "|---|---|---|---|---|---|---|---|"]
+        out += ["", "Minor page faults per timed step (median; fresh pages the allocator had to get from the kernel):", ""]
+        out += _per_variant(kd, lambda s, k: f"{s['page_faults'][k]:,.0f}")
+    return out + [""]
+
+def md_trim(r) -> list:
+    out = [f"Vocabulary trimming to the data's tokens: one plain training step (forward, backward, optimizer) "
+           f"of each model, full vs trimmed vocabulary ({r['trim_repeats']} timed steps each); logits compared "
+           "in eval mode on the same batch. Optimizers: `kdnb` = what kdnb's Trainer uses (transformers' default, "
+           "fused AdamW); `foreach` = `torch.optim.AdamW` defaults.", "",
+           "| model | vocabulary | parameters | optimizer | step, full | step, trimmed | speed-up | max abs logit diff |",
+           "|---|---|---|---|---|---|---|---|"]
     for name, t in r["trim"].items():
         for kind, med in t["median"].items():
             out.append(f"| {name} | {t['vocab']['full']:,} -> {t['vocab']['trimmed']:,} | {t['params']['full']:,} -> "
                        f"{t['params']['trimmed']:,} | {kind} | {fmt_s(med['full'])} | {fmt_s(med['trimmed'])} | "
                        f"**{t['speedup'][kind]:.1f}x** | {t['max_abs_logit_diff']:.1e} |")
-    out.append("")
+    return out + [""]
+
+def md_inference(r) -> list:
     inf = r["inference"]
-    out += [f"Inference (eval forward of one {r['batch']}x{r['length']} batch, SDPA attention):", "",
-            "| model | parameters | latency per batch |", "|---|---|---|"]
-    for k in inf["median"]:
-        out.append(f"| {k} | {inf['params'][k]:,} | {fmt_s(inf['median'][k])} |")
-    out += ["", f"Student / teacher latency: **{inf['student_over_teacher']:.3f}**.", ""]
-    pc = r["param_counts"]
-    out += ["Parameter counts:", "", "| model | full vocabulary | trimmed vocabulary |", "|---|---|---|"]
-    for k, v in pc.items(): out.append(f"| {k} | {v['full']:,} | {v['trimmed']:,} |")
-    return "\n".join(out) + "\n"
+    out = [f"Inference (eval forward of one {r['batch']}x{r['length']} batch, SDPA attention):", "",
+           "| model | parameters | latency per batch |", "|---|---|---|"]
+    out += [f"| {k} | {inf['params'][k]:,} | {fmt_s(inf['median'][k])} |" for k in inf["median"]]
+    return out + ["", f"Student / teacher latency: **{inf['student_over_teacher']:.3f}**.", ""]
+
+def md_params(r) -> list:
+    out = ["Parameter counts:", "", "| model | full vocabulary | trimmed vocabulary |", "|---|---|---|"]
+    return out + [f"| {k} | {v['full']:,} | {v['trimmed']:,} |" for k, v in r["param_counts"].items()] + [""]
+
+def markdown(r) -> str:
+    "The results as Markdown: header (command, machine, setup), then a table per section that ran."
+    m = r["machine"]
+    out = [f"Command: `{r['command']}`", "",
+           f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['ram_gb']} GiB RAM, device {m['device']}"
+           f"{' (' + m['gpu'] + ')' if m['gpu'] else ''}, torch {m['torch']} ({m['torch_threads']} threads), "
+           f"transformers {m['transformers']}, TextBrewer {m['textbrewer']}, Python {m['python']}. kdnb: {m['kdnb']}.", "",
+           f"Models: {r['models']}. Data: {r['data']}. Batch {r['batch']}x{r['length']} tokens "
+           f"({r['real_tokens']} real, the rest padding). {r['warmup']} warm-up + {r['repeats']} timed steps per "
+           "variant, interleaved; medians (min-max).", ""]
+    if r["kd"]: out += md_kd(r)
+    if "trim" in r: out += md_trim(r)
+    if "inference" in r: out += md_inference(r)
+    return "\n".join(out + md_params(r))
 
 # ---------------------------------------------------------------------------------------------------------------- main
 def main(argv=None):
@@ -411,6 +439,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="also profile each step variant (torch.profiler) into kd_profile.txt")
     ap.add_argument("--kdnb", default=None, metavar="DIR", help="import kdnb from this source tree (compare commits)")
     ap.add_argument("--no-xlmr-base", action="store_true", help="skip the XLM-R-base-shaped model in the trimming section")
+    ap.add_argument("--compile", action="store_true", help="also time kdnb's step with the student under torch.compile")
+    ap.add_argument("--sections", nargs="+", default=["kd", "trim", "inference"], choices=["kd", "trim", "inference"])
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16-autocast variants (skipped anyway without native bf16)")
     ap.add_argument("--no-textbrewer", action="store_true", help="skip TextBrewer even if it is installed")
     a = ap.parse_args(argv)
@@ -447,14 +477,19 @@ def main(argv=None):
                                          f"embedded multilingual-e5-small (12 layers, width 384) as a {len(labels)}-class "
                                          "classifier teacher, students copied from it (from-teacher)") + ", vocabulary trimmed to the data", kd={})
     steps = [("kd:" + k, lambda k=k, s=s: kd_section(teacher, s, batch, device, a.warmup, a.repeats, tmp / k.replace(' ', ''), textbrewer,
-                                                          a.profile, bf16))
+                                                          a.profile, bf16, a.compile))
              for k, s in students.items()]
     trim_models = {"teacher (" + ("tiny XLM-R" if a.smoke else "e5-small") + ")": teacher_full}
     if not a.smoke and not a.no_xlmr_base: trim_models["XLM-R base shape (random weights)"] = xlmr_base(len(labels))
+    half = list(students.values())[1].config
+    trim_models[f"student ({half.num_hidden_layers} layers, width {half.hidden_size})"] = make_student(
+        teacher_full, num_layers=half.num_hidden_layers, hidden_size=half.hidden_size,
+        intermediate_size=half.intermediate_size, init="from-teacher")
     steps += [("trim", lambda: trim_section(trim_models, keep_ids, batch_full, device, min(a.warmup, 1), a.trim_repeats)),
               ("inference", lambda: inference_section(dict(teacher=teacher, student=next(iter(students.values()))),
                                                       {k: v for k, v in batch.items()}, device, a.warmup, a.repeats))]
     from tqdm.auto import tqdm
+    steps = [(n, f) for n, f in steps if n.split(":")[0] in a.sections]
     for name, fn in tqdm(steps, desc="benchmark", file=sys.stdout):
         res = fn()
         if name.startswith("kd:"): r["kd"][name[3:]] = res
