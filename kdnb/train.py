@@ -40,7 +40,7 @@ class TrainSettings:
     max_length:int=128 # tokenizer truncation length, for callers that tokenize
     max_steps:int=-1 # stop after this many steps; -1 trains for `epochs`
     save_total_limit:int=2 # checkpoints kept on disk (the best one is always kept)
-    bf16:str|bool="auto" # "auto": bf16 on CUDA when supported, else fp32; fp16 is never used (mDeBERTa overflows)
+    bf16:str|bool="auto" # "auto": bf16 on CUDA when supported, else fp32; True on CPU too (fast with AMX); never fp16
     num_workers:int=0 # dataloader worker processes
     gradient_accumulation_steps:int=1 # micro-batches per optimizer step
 

@@ -118,6 +118,21 @@ def test_kd_weights_and_gradient_accumulation(tmp_path, tok, data, teacher):
         distill(tiny_model("xlmr", num_labels=3, vocab_size=100), teacher, data, **kw(tok, tmp_path/"x"))
 
 
+def test_bf16_on_cpu_autocasts_student_and_teacher(tmp_path, tok, data, teacher):
+    "bf16=True works without a GPU: student and teacher matmuls run in bf16, the weights and the loss stay fp32."
+    s, seen = student(), {}
+    rec = lambda who: (lambda m, i, o: seen.setdefault(who, set()).add(o.dtype))
+    hooks = [m.roberta.encoder.layer[0].attention.self.query.register_forward_hook(rec(who))
+             for who, m in (("student", s), ("teacher", teacher))]
+    try: res = distill(s, teacher, data, **kw(tok, tmp_path) | dict(settings=QUICK.replace(max_steps=2, bf16=True)))
+    finally:
+        for h in hooks: h.remove()
+    assert torch.bfloat16 in seen["student"] and torch.bfloat16 in seen["teacher"], seen
+    assert all(p.dtype == torch.float32 for p in res.model.parameters())
+    logs = [h for h in res.log_history if "loss" in h]
+    assert logs and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+
+
 def test_ner_distill_from_make_student(tmp_path, tok):
     "NER end to end with a DeBERTa teacher and a from-teacher student of the same width (no W)."
     ner = tokenize(toy_benchmark("ner", n_train=8, n_dev=4, n_test=4), tok, "ner")
