@@ -280,6 +280,17 @@ def _pid_alive(pid:int, start:str="")->bool:
 def _owner()->str: return f"{_host()}:{os.getpid()}:{_proc_start(os.getpid())}"
 
 # %% ../nbs/07_experiment.ipynb #a533b387
+def _use_wal(con:sqlite3.Connection, wait:float=60.):
+    "Switch `con`'s database to WAL, retrying for `wait` s: SQLite says 'locked' at once, without its busy wait, while another connection writes."
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal": con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline: raise
+            time.sleep(0.05)
+
 class Store:
     "The SQLite results store of a study folder (`study_dir/results.sqlite`)."
     def __init__(self,
@@ -291,7 +302,7 @@ class Store:
         self.lease = lease
         con = self.connect()
         try:
-            con.execute("PRAGMA journal_mode=WAL")
+            _use_wal(con)
             con.execute("BEGIN IMMEDIATE")
             for sql in _SCHEMA: con.execute(sql)
             con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
