@@ -146,7 +146,8 @@ def attention_loss(att_s:tuple, # student attention maps, one (batch, heads, q, 
                                                 "output_attentions=True and eager attention (see `model_outputs`).")
     _check_layers(len(att_s), len(att_t), teacher_layers, "attention maps")
     if att_s[0].shape[1] != att_t[teacher_layers[0]].shape[1]:
-        raise ValueError(f"The student has {att_s[0].shape[1]} attention heads and the teacher {att_t[0].shape[1]}: "
+        raise ValueError(f"The student has {att_s[0].shape[1]} attention heads and the teacher "
+                         f"{att_t[teacher_layers[0]].shape[1]}: "
                          "the attention loss pairs head j with head j, so keep the teacher's head count "
                          "(make_student does) or switch the term off with w_att=0.")
     pair = (mask[:, None, :, None] * mask[:, None, None, :]).bool()   # (batch, 1, q, k)
