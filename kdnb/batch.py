@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_batch.ipynb #8d1138e5
 from __future__ import annotations
-import argparse, datetime, json, os, platform, shlex, sys, time, traceback
+import argparse, contextlib, datetime, json, os, platform, shlex, sys, time, traceback
 from pathlib import Path
 from tqdm.auto import tqdm
 
@@ -55,6 +55,17 @@ def _versions():
         except md.PackageNotFoundError: pass
     return v
 
+@contextlib.contextmanager
+def _env(name:str, value:str|None):
+    "Set environment variable `name` to `value` for the duration (None: leave it as it is)."
+    old = os.environ.get(name)
+    if value is not None: os.environ[name] = value
+    try: yield
+    finally:
+        if value is not None:
+            if old is None: os.environ.pop(name, None)
+            else: os.environ[name] = old
+
 def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
               out="outputs", # parent of the dated output folder
               notebooks=None, # names (or stems) of the notebooks to run, default `NOTEBOOKS`
@@ -67,9 +78,11 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
               progress:bool=True, # show a progress bar over notebooks
               log_output:bool=False, # stream the notebooks' outputs to the log
               raise_on_error:bool=True, # raise `BatchError` at the end when a notebook failed
+              bf16:bool|None=None, # True/False: train in bf16 or fp32 (sets `KDNB_BF16`); None: kdnb's "auto"
              ) -> Path:
     "Execute every analysis notebook for `preset` into a dated folder; return the folder."
     import papermill as pm
+    from kdnb.train import BF16_ENV, resolve_bf16
     if preset not in PRESETS: raise ValueError(f"Unknown preset {preset!r}; use one of {PRESETS}.")
     src = analysis_dir(notebooks_dir)
     names = [Path(n).stem for n in (notebooks or NOTEBOOKS)]
@@ -80,20 +93,24 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
     study_dir = Path(study_dir) if study_dir else Path("studies")/preset
     params = dict(preset=preset, study_dir=str(study_dir.resolve()), out_dir=str(folder.resolve()), progress=False,
                   **({"data_dir": str(Path(data_dir).resolve())} if data_dir else {}), **(parameters or {}))
-    log = dict(command=" ".join(map(shlex.quote, sys.argv)), preset=preset, parameters=params, started=time.strftime("%Y-%m-%d %H:%M:%S"),
+    env = None if bf16 is None else ("on" if bf16 else "off")
+    with _env(BF16_ENV, env): precision = "bf16" if resolve_bf16("auto") else "fp32"   # what the notebooks will use
+    log = dict(command=" ".join(map(shlex.quote, sys.argv)), preset=preset, parameters=params, precision=precision,
+               started=time.strftime("%Y-%m-%d %H:%M:%S"),
                host=platform.node(), python=sys.version.split()[0], versions=_versions(), notebooks=[])
     bar = tqdm(names, desc=f"kdnb batch {preset}", unit="notebook", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        t0, status, error = time.time(), "ok", None
-        try:
-            pm.execute_notebook(str(src/f"{name}.ipynb"), str(folder/f"{name}.ipynb"), parameters=params,
-                                kernel_name=kernel_name, progress_bar=False, log_output=log_output, cwd=str(Path.cwd()))
-        except Exception as e:
-            status, error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            tqdm.write(f"kdnb batch: {name} failed ({error}); continuing. See {folder/f'{name}.ipynb'}.")
-        log["notebooks"].append(dict(name=name, status=status, seconds=round(time.time() - t0, 1), error=error))
-        _write_log(folder, log)
+    with _env(BF16_ENV, env):   # papermill's kernels inherit the environment
+        for name in bar:
+            bar.set_postfix_str(name)
+            t0, status, error = time.time(), "ok", None
+            try:
+                pm.execute_notebook(str(src/f"{name}.ipynb"), str(folder/f"{name}.ipynb"), parameters=params,
+                                    kernel_name=kernel_name, progress_bar=False, log_output=log_output, cwd=str(Path.cwd()))
+            except Exception as e:
+                status, error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                tqdm.write(f"kdnb batch: {name} failed ({error}); continuing. See {folder/f'{name}.ipynb'}.")
+            log["notebooks"].append(dict(name=name, status=status, seconds=round(time.time() - t0, 1), error=error))
+            _write_log(folder, log)
     log["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _write_log(folder, log)
     failed = [n["name"] for n in log["notebooks"] if n["status"] != "ok"]
@@ -108,7 +125,7 @@ def _write_log(folder, log):
     (folder/"README.md").write_text(
         f"# kdnb batch: preset `{log['preset']}`\n\nCommand: `{log['command']}`  \nStarted {log['started']} on "
         f"{log['host']} (Python {log['python']}; " + ", ".join(f"{k} {v}" for k, v in log["versions"].items()) + ")\n\n"
-        f"Parameters: `{json.dumps(log['parameters'])}`\n\n| notebook | status | seconds |\n|---|---|---|\n{rows}\n"
+        f"Parameters: `{json.dumps(log['parameters'])}`; precision: {log.get('precision', 'fp32')}\n\n| notebook | status | seconds |\n|---|---|---|\n{rows}\n"
         f"| total | | {total:.0f} |\n\nExecuted notebooks (`*.ipynb`, figures embedded), tables (`*.csv`, `*.md`) and "
         f"figures (`*.png`) are in this folder; `report.ipynb` sets them beside the paper.\n")
 
@@ -134,6 +151,9 @@ def batch_arguments(p:argparse.ArgumentParser, # the `batch` subcommand's parser
                    help="a notebook parameter, value as JSON (repeatable), e.g. --set seeds='[0,1,2]'")
     p.add_argument("--notebooks-dir", default=None, help="folder of the analysis notebooks (default: nbs/analysis)")
     p.add_argument("--kernel", default=None, help="jupyter kernel name (default: the notebooks' python3)")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="precision of every training: auto (bf16 on CUDA GPUs, else fp32), on (bf16 autocast, also on "
+                        "CPUs; fast with AMX/AVX512-BF16), off (fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -151,7 +171,8 @@ def batch_main(args:argparse.Namespace, # parsed arguments of `batch_arguments`
     try:
         folder = run_batch(args.preset, out=args.out, notebooks=args.only, study_dir=args.study_dir, data_dir=args.data_dir,
                            parameters=dict(args.params), notebooks_dir=args.notebooks_dir, folder=args.folder,
-                           kernel_name=args.kernel, progress=not args.no_progress)
+                           kernel_name=args.kernel, progress=not args.no_progress,
+                           bf16={"auto": None, "on": True, "off": False}[args.bf16])
     except BatchError as e:
         print(f"kdnb batch: {e}", file=sys.stderr); return 1
     print(f"kdnb batch: done -> {folder}")

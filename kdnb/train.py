@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #7a525a18
 from __future__ import annotations
-import json, re, shutil, tempfile, time, dataclasses
+import json, os, re, shutil, tempfile, time, dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -22,8 +22,8 @@ from .losses import kd_loss_for, teacher_outputs
 from .metrics import compute_metrics, scores_by_language
 
 # %% auto #0
-__all__ = ['PRESETS', 'KD_ATTR', 'MODEL_COLUMNS', 'TrainSettings', 'as_settings', 'resolve_bf16', 'training_arguments',
-           'toy_tokenizer', 'toy_benchmark', 'TrainingDiverged', 'last_checkpoint', 'KdnbTrainer',
+__all__ = ['PRESETS', 'BF16_ENV', 'KD_ATTR', 'MODEL_COLUMNS', 'TrainSettings', 'as_settings', 'resolve_bf16',
+           'training_arguments', 'toy_tokenizer', 'toy_benchmark', 'TrainingDiverged', 'last_checkpoint', 'KdnbTrainer',
            'DistillationTrainer', 'TrainResult', 'fine_tune', 'distill', 'evaluate_by_language']
 
 # %% ../nbs/06_train.ipynb #0049092d
@@ -40,7 +40,7 @@ class TrainSettings:
     max_length:int=128 # tokenizer truncation length, for callers that tokenize
     max_steps:int=-1 # stop after this many steps; -1 trains for `epochs`
     save_total_limit:int=2 # checkpoints kept on disk (the best one is always kept)
-    bf16:str|bool="auto" # "auto": bf16 on CUDA when supported, else fp32; True on CPU too (fast with AMX); never fp16
+    bf16:str|bool="auto" # "auto": KDNB_BF16 (on/off) if set, else bf16 on CUDA when supported; True works on CPU; never fp16
     num_workers:int=0 # dataloader worker processes
     gradient_accumulation_steps:int=1 # micro-batches per optimizer step
 
@@ -90,11 +90,18 @@ def as_settings(settings:TrainSettings|str|dict|None=None # settings, a `PRESETS
     raise TypeError(f"settings must be a TrainSettings, a preset name or a dict, got {type(settings).__name__}.")
 
 # %% ../nbs/06_train.ipynb #d199be05
+BF16_ENV = "KDNB_BF16"
+_ENV_BF16 = {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False}
+
 def resolve_bf16(flag:str|bool="auto" # "auto", True or False
                 )->bool:
-    "Whether to train in bf16: `auto` means CUDA is present and supports bf16."
-    if flag == "auto": return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    return bool(flag)
+    "Whether to train in bf16. `auto`: as `KDNB_BF16` says (on/off), else when CUDA is present and supports bf16."
+    if flag != "auto": return bool(flag)
+    env = os.environ.get(BF16_ENV, "auto").strip().lower()
+    if env in _ENV_BF16: return _ENV_BF16[env]
+    if env not in ("auto", ""):
+        raise ValueError(f"{BF16_ENV}={os.environ[BF16_ENV]!r} is not understood; use on, off or auto (or unset it).")
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 def training_arguments(settings:TrainSettings|str|dict|None, # see `as_settings`
                        output_dir:str|Path, # where the Trainer writes checkpoints
