@@ -494,7 +494,6 @@ def main(argv=None):
         res = fn()
         if name.startswith("kd:"): r["kd"][name[3:]] = res
         else: r[name] = res
-    s_full = next(iter(students.values()))
     r["param_counts"] = {
         "teacher": dict(full=count_parameters(teacher_full), trimmed=count_parameters(teacher)),
         **{f"student, {k}": dict(full=count_parameters(make_student(teacher_full, num_layers=s.config.num_hidden_layers,
@@ -502,7 +501,6 @@ def main(argv=None):
                                                                     intermediate_size=s.config.intermediate_size,
                                                                     init="from-scratch")),
                                  trimmed=count_parameters(s)) for k, s in students.items()}}
-    del s_full
     if a.profile:
         (out / "kd_profile.txt").write_text("\n".join(f"## {name}: {k}\n{t}" for name, s in r["kd"].items()
                                                       for k, t in s.pop("profile").items()))

@@ -164,12 +164,13 @@ def hidden_loss(hs_s:tuple, # student hidden states: embedding output, then one 
                 hs_t:tuple, # teacher hidden states, same layout
                 teacher_layers:list, # 0-based teacher layer for each student layer
                 mask:torch.Tensor, # (batch, seq) attention mask
-                proj:nn.Module|None=None # W: student width -> teacher width (None when equal)
+                proj:nn.Module|None=None, # W: student width -> teacher width (None when equal)
+                tokens:torch.Tensor|None=None # `real_tokens(mask)`, when the caller has it already
                ) -> torch.Tensor:
     "L_hid: MSE between W·H_S^i and H_T^k over real tokens, averaged over student layers."
     _check_layers(len(hs_s) - 1, len(hs_t) - 1, teacher_layers, "layer outputs")
     W = proj if proj is not None else nn.Identity()
-    idx = real_tokens(mask)
+    idx = real_tokens(mask) if tokens is None else tokens
     if not len(idx): return hs_s[-1].float().sum() * 0.
     return torch.stack([F.mse_loss(W(_gather(hs_s[i + 1], idx).float()), _gather(hs_t[k + 1], idx).float())
                         for i, k in enumerate(teacher_layers)]).mean()
@@ -177,11 +178,12 @@ def hidden_loss(hs_s:tuple, # student hidden states: embedding output, then one 
 def embedding_loss(emb_s:torch.Tensor, # student embedding output (hidden_states[0]), (batch, seq, d_S)
                    emb_t:torch.Tensor, # teacher embedding output, (batch, seq, d_T)
                    mask:torch.Tensor, # (batch, seq) attention mask
-                   proj:nn.Module|None=None # W: student width -> teacher width (None when equal)
+                   proj:nn.Module|None=None, # W: student width -> teacher width (None when equal)
+                   tokens:torch.Tensor|None=None # `real_tokens(mask)`, when the caller has it already
                   ) -> torch.Tensor:
     "L_embd: MSE between W·E_S and E_T over real tokens."
     W = proj if proj is not None else nn.Identity()
-    idx = real_tokens(mask)
+    idx = real_tokens(mask) if tokens is None else tokens
     if not len(idx): return emb_s.float().sum() * 0.
     return F.mse_loss(W(_gather(emb_s, idx).float()), _gather(emb_t, idx).float())
 
@@ -249,8 +251,9 @@ class KDLoss(nn.Module):
             if not student_out.hidden_states or not teacher_out.hidden_states:
                 raise ValueError("No hidden states in the model outputs; run the models with output_hidden_states=True "
                                  "(see `model_outputs`).")
-        if w["hid"]: terms["hid"] = hidden_loss(student_out.hidden_states, teacher_out.hidden_states, self.teacher_layers, attention_mask, self.proj)
-        if w["embd"]: terms["embd"] = embedding_loss(student_out.hidden_states[0], teacher_out.hidden_states[0], attention_mask, self.proj)
+        tok = real_tokens(attention_mask) if w["hid"] or w["embd"] else None   # once: on a GPU, finding them syncs
+        if w["hid"]: terms["hid"] = hidden_loss(student_out.hidden_states, teacher_out.hidden_states, self.teacher_layers, attention_mask, self.proj, tok)
+        if w["embd"]: terms["embd"] = embedding_loss(student_out.hidden_states[0], teacher_out.hidden_states[0], attention_mask, self.proj, tok)
         if w["pred"]: terms["pred"] = prediction_loss(z_s, teacher_out.logits, self.task, labels, attention_mask)
         if w["clf"]: terms["clf"] = classification_loss(z_s, labels)
         total = sum(w[k] * v for k, v in terms.items())

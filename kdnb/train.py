@@ -236,7 +236,6 @@ class KdnbTrainer(Trainer):
 
 # %% ../nbs/06_train.ipynb #c4ccebdb
 KD_ATTR = "kdnb_kd"
-_TEACHER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 class DistillationTrainer(KdnbTrainer):
     "A `Trainer` whose training loss is `kd_loss`(student, frozen `teacher`); W in `kd_loss` trains with the student."
@@ -258,8 +257,7 @@ class DistillationTrainer(KdnbTrainer):
         s_out = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_attentions=att,
                       output_hidden_states=True)
         with self.accelerator.autocast():   # eval mode, no gradients, only the mapped layers' outputs kept
-            t_out = teacher_outputs(self.teacher, {k: v for k, v in inputs.items() if k in _TEACHER_INPUTS},
-                                    attentions=att, layers=self.kd_loss.teacher_layers)
+            t_out = teacher_outputs(self.teacher, inputs, attentions=att, layers=self.kd_loss.teacher_layers)
         total, terms = self.kd_loss(s_out, t_out, labels, inputs["attention_mask"])
         self.check_finite(total, terms)
         for k, v in terms.items():
