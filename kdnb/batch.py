@@ -4,7 +4,8 @@
 
 # %% ../nbs/11_batch.ipynb #8d1138e5
 from __future__ import annotations
-import argparse, contextlib, datetime, json, os, platform, shlex, sys, time, traceback
+import argparse, datetime, json, os, platform, shlex, sys, time
+from unittest import mock
 from pathlib import Path
 from tqdm.auto import tqdm
 
@@ -55,17 +56,6 @@ def _versions():
         except md.PackageNotFoundError: pass
     return v
 
-@contextlib.contextmanager
-def _env(name:str, value:str|None):
-    "Set environment variable `name` to `value` for the duration (None: leave it as it is)."
-    old = os.environ.get(name)
-    if value is not None: os.environ[name] = value
-    try: yield
-    finally:
-        if value is not None:
-            if old is None: os.environ.pop(name, None)
-            else: os.environ[name] = old
-
 def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
               out="outputs", # parent of the dated output folder
               notebooks=None, # names (or stems) of the notebooks to run, default `NOTEBOOKS`
@@ -93,13 +83,13 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
     study_dir = Path(study_dir) if study_dir else Path("studies")/preset
     params = dict(preset=preset, study_dir=str(study_dir.resolve()), out_dir=str(folder.resolve()), progress=False,
                   **({"data_dir": str(Path(data_dir).resolve())} if data_dir else {}), **(parameters or {}))
-    env = None if bf16 is None else ("on" if bf16 else "off")
-    with _env(BF16_ENV, env): precision = "bf16" if resolve_bf16("auto") else "fp32"   # what the notebooks will use
+    env = {} if bf16 is None else {BF16_ENV: "on" if bf16 else "off"}   # set for the batch, restored after it
+    with mock.patch.dict(os.environ, env): precision = "bf16" if resolve_bf16("auto") else "fp32"   # what the notebooks will use
     log = dict(command=" ".join(map(shlex.quote, sys.argv)), preset=preset, parameters=params, precision=precision,
                started=time.strftime("%Y-%m-%d %H:%M:%S"),
                host=platform.node(), python=sys.version.split()[0], versions=_versions(), notebooks=[])
     bar = tqdm(names, desc=f"kdnb batch {preset}", unit="notebook", disable=not progress)
-    with _env(BF16_ENV, env):   # papermill's kernels inherit the environment
+    with mock.patch.dict(os.environ, env):   # papermill's kernels inherit the environment
         for name in bar:
             bar.set_postfix_str(name)
             t0, status, error = time.time(), "ok", None

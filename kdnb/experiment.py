@@ -5,18 +5,18 @@
 # %% ../nbs/07_experiment.ipynb #44e1d1e4
 from __future__ import annotations
 import contextlib, hashlib, itertools, json, math, os, shutil, socket, sqlite3, subprocess, sys, threading, time, warnings
-from dataclasses import dataclass, fields, asdict, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 import pandas as pd
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['SPEC_INITS', 'COPY_SOURCES', 'LANGUAGE_SETS', 'TINY_MODELS', 'STORE_FILE', 'SPEC_COLUMNS', 'RESULT_COLUMNS',
-           'SECTIONS', 'PAPER_EVAL_STEPS', 'STUDY_PRESETS', 'SpecError', 'Spec', 'grid', 'load_specs', 'Store',
-           'teacher_dir', 'ensure_teacher', 'GridFailed', 'run_grid', 'results', 'results_by_language', 'curves',
-           'run_dir', 'check_ready', 'run_spec', 'section_grid', 'baseline_scores']
+           'SECTIONS', 'STUDY_PRESETS', 'SpecError', 'Spec', 'grid', 'load_specs', 'store_file', 'Store', 'teacher_dir',
+           'ensure_teacher', 'GridFailed', 'run_grid', 'results', 'results_by_language', 'curves', 'run_dir',
+           'check_ready', 'run_spec', 'section_grid', 'baseline_scores']
 
 # %% ../nbs/07_experiment.ipynb #b53f11d7
 from .initialize import INITS   # the three student initializations
@@ -291,13 +291,19 @@ def _use_wal(con:sqlite3.Connection, wait:float=60.):
             if "locked" not in str(e) or time.monotonic() > deadline: raise
             time.sleep(0.05)
 
+def store_file(path:str|Path # a study folder, or the path of a `.sqlite`/`.db` file
+              )->Path:
+    "The SQLite file of a study: `path` itself when it names one, else `path/results.sqlite`."
+    path = Path(path)
+    return path if path.suffix in (".sqlite", ".db") else path/STORE_FILE
+
 class Store:
     "The SQLite results store of a study folder (`study_dir/results.sqlite`)."
     def __init__(self,
                  path:str|Path, # a study folder, or the path of a `.sqlite` file
                  lease:float=600.): # seconds a claim lives without a heartbeat (matters across hosts)
         path = Path(path)
-        self.path = path if path.suffix in (".sqlite", ".db") else path/STORE_FILE
+        self.path = store_file(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lease = lease
         con = self.connect()
@@ -605,7 +611,7 @@ def results(study_dir:str|Path, # the study folder (or its `results.sqlite`)
            )->pd.DataFrame:
     "The study's results: one row per spec (and seed), columns `RESULT_COLUMNS`."
     p = Path(study_dir)
-    if not (p if p.suffix == ".sqlite" else p/STORE_FILE).exists():
+    if not store_file(p).exists():
         raise FileNotFoundError(f"No results store in {p}: run a grid into this folder first (kdnb run ... --study {p}).")
     rows = [_result_row(r) for r in Store(p).rows()]
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
@@ -638,11 +644,10 @@ def run_dir(spec:Spec, study_dir:str|Path)->Path:
     "The run folder of `spec`: `study_dir/runs/<spec_id>`."
     return Path(study_dir)/"runs"/spec.spec_id
 
-def _offline()->bool: return any(os.environ.get(k) == "1" for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 def check_ready(spec:Spec)->Spec:
     "Raise one clear error, before any training, when `spec` cannot run here (data, model folder, tiny-model limits)."
-    from kdnb.data import BENCHMARKS, data_available
+    from kdnb.data import BENCHMARKS, data_available, _offline
     b = BENCHMARKS[spec.dataset]
     if b.folder is not None and not data_available(spec.dataset) and _offline():
         raise FileNotFoundError(f"No local data for dataset {spec.dataset!r} and the hub is offline: put it in "
@@ -712,23 +717,27 @@ def _data(spec:Spec, train_languages, test_languages, old2new):
     tok = _tokenizer(spec.model)
     lang = lambda v: v if isinstance(v, str) else list(v)
     raw = lambda v: _memo(("raw", spec.dataset, v), lambda: load_benchmark(spec.dataset, languages=lang(v)))
-    def make():
-        splits = {}
-        if train_languages is not None:
-            tr = raw(train_languages)
-            train = tr["train"]
-            for size in (spec.train_sample, spec.subset):
-                if size is not None: train = stratified_subset(train, size, seed=0)
-            splits["train"], splits["dev"] = train, tr["dev"]
-        if test_languages is not None: splits["test"] = raw(test_languages)["test"]
-        if spec.eval_subset is not None:
-            for k in ("dev", "test"):
-                if k in splits: splits[k] = stratified_subset(splits[k], spec.eval_subset, seed=0)
-        dd = tokenize(DatasetDict(splits), tok, task, max_length=spec.max_length)
-        return dd if old2new is None else remap_ids(dd, old2new)
-    key = ("data", spec.model, spec.dataset, train_languages, test_languages, spec.subset, spec.train_sample,
-           spec.eval_subset, spec.max_length, spec.trim)
-    return _memo(key, make)
+    def part(langs, which):   # train+dev or test, each tokenized once per study process (the teacher reuses it)
+        def make():
+            d = raw(langs)
+            if which == "test": splits = {"test": d["test"]}
+            else:
+                train = d["train"]
+                for size in (spec.train_sample, spec.subset):
+                    if size is not None: train = stratified_subset(train, size, seed=0)
+                splits = {"train": train, "dev": d["dev"]}
+            if spec.eval_subset is not None:
+                for k in ("dev", "test"):
+                    if k in splits: splits[k] = stratified_subset(splits[k], spec.eval_subset, seed=0)
+            dd = tokenize(DatasetDict(splits), tok, task, max_length=spec.max_length)
+            return dd if old2new is None else remap_ids(dd, old2new)
+        sizes = (spec.subset, spec.train_sample) if which == "train" else ()
+        return _memo(("data", which, spec.model, spec.dataset, langs, *sizes, spec.eval_subset, spec.max_length,
+                      spec.trim), make)
+    splits = {}
+    if train_languages is not None: splits.update(part(train_languages, "train"))
+    if test_languages is not None: splits.update(part(test_languages, "test"))
+    return DatasetDict(splits)
 
 def _settings(spec:Spec):
     "`kdnb.train.TrainSettings` for `spec`."
@@ -832,9 +841,7 @@ def _run_spec(spec, study_dir, progress):
 
 # %% ../nbs/07_experiment.ipynb #58c0e237
 SECTIONS = ("4.1", "4.2", "4.3", "5.1", "5.2", "5.3")
-PAPER_EVAL_STEPS = {"4.1": {"massive": 5000, "tsm": 500, "universal-ner": 500},
-                    "4.2": {"massive": 5000, "tsm": 250, "universal-ner": 250},
-                    "4.3": {"massive": 100, "tsm": 60, "universal-ner": 60}}
+from .train import PAPER_EVAL_STEPS   # the paper's evaluation intervals, per section and dataset (one table)
 STUDY_PRESETS = {
     "tiny": dict(models=["tiny-xlmr"], datasets=["demo-intent"], seeds=[0], epochs=1, max_steps=4, eval_steps=2,
                  batch_size=8, max_length=32, trim=True, subsets=[0.5, None]),

@@ -120,7 +120,7 @@ def _width(df):
 def _uses_teacher(init, kd, copy_from=None):
     "Whether a run depends on the fine-tuned teacher (as `kdnb.experiment.Spec.uses_teacher`)."
     if init == "copy-only": return copy_from in (None, "from-teacher")
-    return init in ("teacher", "from-teacher") or bool(kd)
+    return init in ("teacher", "from-teacher") or kd is True or kd is np.True_
 
 DONE = ("done", "finished", "complete", "completed", "ok", "paper", "baseline")
 
@@ -139,8 +139,10 @@ def normalize(df:pd.DataFrame, # `kdnb.experiment.results` output (or any frame 
     given = [None if v is None or (isinstance(v, float) and math.isnan(v)) else _lang(v) for v in df.teacher_languages]
     # a run that uses the teacher was taught by one trained on `teacher_languages` (None: its own train languages);
     # a run without a teacher fits the paper's tables of its test setting (Table 9 for unseen, Table 8 otherwise)
-    df["teacher_languages"] = [g if g is not None else (tr if u else ("seen" if te == "unseen" else "all"))
-                               for g, u, tr, te in zip(given, uses, df.train_languages, df.test_languages)]
+    # (baselines are the paper's "random" row, reported for all languages whatever the test selection)
+    df["teacher_languages"] = [g if g is not None else "all" if i == "baseline" else
+                               (tr if u else ("seen" if te == "unseen" else "all"))
+                               for g, u, i, tr, te in zip(given, uses, df.init, df.train_languages, df.test_languages)]
     if "subset" not in df: df["subset"] = 1.0
     df["subset"] = pd.to_numeric(df.subset, errors="coerce").fillna(1.0).astype(float)
     if "hidden" not in df: df["hidden"] = np.nan

@@ -22,7 +22,7 @@ from .losses import kd_loss_for, teacher_outputs
 from .metrics import compute_metrics, scores_by_language
 
 # %% auto #0
-__all__ = ['PRESETS', 'BF16_ENV', 'KD_ATTR', 'MODEL_COLUMNS', 'TrainSettings', 'as_settings', 'resolve_bf16',
+__all__ = ['PAPER_EVAL_STEPS', 'PRESETS', 'BF16_ENV', 'KD_ATTR', 'MODEL_COLUMNS', 'TrainSettings', 'as_settings', 'resolve_bf16',
            'training_arguments', 'toy_tokenizer', 'toy_benchmark', 'TrainingDiverged', 'last_checkpoint', 'KdnbTrainer',
            'DistillationTrainer', 'TrainResult', 'fine_tune', 'distill', 'evaluate_by_language']
 
@@ -69,11 +69,11 @@ class TrainSettings:
         return dataclasses.replace(self, **kwargs)
 
 # %% ../nbs/06_train.ipynb #8e7ae0c1
-_PAPER_EVAL_STEPS = {"4.1": dict(massive=5000, tsm=500, **{"universal-ner": 500}),
+PAPER_EVAL_STEPS = {"4.1": dict(massive=5000, tsm=500, **{"universal-ner": 500}),
                      "4.2": dict(massive=5000, tsm=250, **{"universal-ner": 250}),
                      "4.3": dict(massive=100, tsm=60, **{"universal-ner": 60})}
 
-PRESETS = {f"paper-{sec}-{ds}": TrainSettings(eval_steps=n, batch_size=8, eval_batch_size=8) for sec, d in _PAPER_EVAL_STEPS.items() for ds, n in d.items()}
+PRESETS = {f"paper-{sec}-{ds}": TrainSettings(eval_steps=n, batch_size=8, eval_batch_size=8) for sec, d in PAPER_EVAL_STEPS.items() for ds, n in d.items()}
 PRESETS["demo"] = TrainSettings(epochs=3, batch_size=16, eval_steps=50, logging_steps=5)
 PRESETS["tiny"] = TrainSettings(epochs=1, max_steps=6, batch_size=8, eval_batch_size=16, eval_steps=3, logging_steps=1,
                                 max_length=32)
