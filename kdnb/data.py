@@ -17,8 +17,8 @@ from transformers import DataCollatorForTokenClassification, DataCollatorWithPad
 # %% auto #0
 __all__ = ['NER_LABELS', 'MASSIVE_INTENTS', 'TSM_LABELS', 'DEMO_INTENTS', 'BENCHMARKS', 'SPLITS', 'Benchmark', 'select_languages',
            'find_data_dir', 'data_available', 'DataFileError', 'read_massive', 'read_demo', 'read_tsm', 'read_iob2',
-           'PreliminaryDataWarning', 'load_benchmark', 'stratified_subset', 'tokenize', 'PadCollator',
-           'TokenPadCollator', 'collator']
+           'PreliminaryDataWarning', 'load_benchmark', 'check_benchmark', 'stratified_subset', 'tokenize',
+           'PadCollator', 'TokenPadCollator', 'collator']
 
 # %% ../nbs/01_data.ipynb #6310f289
 NER_LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
@@ -196,6 +196,15 @@ def _label_ids(b):
             n: i for i, n in enumerate(names)}
     return _LABEL_IDS[b.name]
 
+# %% ../nbs/01_data.ipynb #176f8814
+def _decode(raw:bytes, src, line) -> str:
+    "One line of a file (bytes) as UTF-8 text, or an error naming the file, the line and the bad byte."
+    try: return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFileError(f"{_where(src, line)}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
+                            "the line); the file is corrupted or in another encoding, so replace it with a fresh copy "
+                            "or re-save it as UTF-8.") from None
+
 # %% ../nbs/01_data.ipynb #a7af1527
 _TAG_IDS = {t: i for i, t in enumerate(NER_LABELS)} | {"B-OTH": 0, "I-OTH": 0, "B-O": 0, "I-O": 0}
 
@@ -212,14 +221,15 @@ def _jsonl_records(path:Path):
     opener = gzip.open if path.suffix == ".gz" else open
     line = 0
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line, s in enumerate(f, 1):
+        with opener(path, "rb") as f: # bytes, decoded line by line, so a bad byte is reported on its own line
+            for line, raw in enumerate(f, 1):
+                s = _decode(raw, path, line)
                 if not s.strip(): continue
                 try: yield line, json.loads(s)
                 except json.JSONDecodeError as e:
                     raise DataFileError(f"{path}, line {line}: not valid JSON ({e.msg}); the file may be truncated "
                                         "or corrupted, so replace it with a fresh copy.") from None
-    except (EOFError, OSError, zlib.error, UnicodeDecodeError) as e:
+    except (EOFError, OSError, zlib.error) as e:
         if isinstance(e, FileNotFoundError): raise
         raise DataFileError(f"{path}, line {line + 1}: cannot read past this point ({type(e).__name__}: {e}); "
                             "the file is truncated or corrupted, so replace it with a fresh copy.") from None
@@ -278,7 +288,11 @@ def read_demo(name:str, # `demo-intent` or `demo-ner`
 _TSM_FILES = {"train": "train", "dev": "val", "test": "test"}
 
 def _lines(path:Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try: text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        for i, l in enumerate(raw.split(b"\n"), 1): _decode(l, path, i)  # raises, naming the line
+        raise
     if text.endswith("\n"): text = text[:-1]
     return [l[:-1] if l.endswith("\r") else l for l in text.split("\n")] if text else []
 
@@ -302,9 +316,9 @@ def read_iob2(path:str|Path, # a UNER `.iob2` file
     "Columns `tokens`, `ner_tags` (tag ids; OTH and `B-O` read as `O`) of one UNER `.iob2` file."
     path = Path(path)
     tokens, tags, toks, tgs = [], [], [], []
-    with open(path, encoding="utf-8") as f:
-        for line, s in enumerate(f, 1):
-            s = s.rstrip("\r\n")
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, 1):
+            s = _decode(raw, path, line).rstrip("\r\n")
             if not s.strip():
                 if toks: tokens.append(toks); tags.append(tgs); toks, tgs = [], []
                 continue
@@ -399,6 +413,28 @@ def _root(b:Benchmark, data_dir) -> Path|None:
     if d is not None and ((d/b.folder).is_dir() or explicit): return d/b.folder
     return None
 
+# %% ../nbs/01_data.ipynb #33d56115
+def _split_source(b:Benchmark, root:Path|None, lang:str, split:str) -> str:
+    "Where `split` of `lang` is read from (a file, the packaged demo file or a hub split), for messages."
+    if b.folder is None: return str(_asset(b))
+    if root is None: return f"hub dataset {b.hub} ({lang}, {split})"
+    if b.name == "massive": return str(_local_files(b, root, lang)[0])
+    if b.name == "tsm": return str(root/lang/f"{_TSM_FILES[split]}_text.txt")
+    return str(_uner_files(root, lang)[split])
+
+def _check_rows(b:Benchmark, root:Path|None, lang:str, cols:dict):
+    "Raise `DataFileError` naming the source unless every split `lang` has in `b` holds at least one example."
+    n = {s: len(next(iter(cols[s].values()))) for s in SPLITS}
+    for s in (("test",) if lang in b.test_only else SPLITS):
+        if n[s]: continue
+        what = ("has no records for this language" if b.folder is None else "has no rows" if root is None else
+                "holds no records at all (a 0-byte or empty file)" if b.name == "massive" and not sum(n.values()) else
+                f"has no records with partition {s!r}" if b.name == "massive" else
+                "holds no lines (an empty file)" if b.name == "tsm" else "holds no sentences (an empty file)")
+        raise DataFileError(f"{_split_source(b, root, lang, s)} {what}, so the {s!r} split of {b.name} language "
+                            f"{lang!r} has no examples. Every split of every language needs examples: replace the file "
+                            f"with a fresh copy (layout: <data_dir>/{b.layout}), or leave {lang!r} out of the languages.")
+
 # %% ../nbs/01_data.ipynb #63866722
 def load_benchmark(name:str, # `massive`, `tsm`, `universal-ner`, `demo-intent` or `demo-ner`
                    *,
@@ -408,11 +444,11 @@ def load_benchmark(name:str, # `massive`, `tsm`, `universal-ner`, `demo-intent` 
     "Splits `train`, `dev`, `test` of benchmark `name` for `languages`; each row has a `language`."
     b = _benchmark(name)
     langs = select_languages(b.name, languages)
+    root = None if b.folder is None else _root(b, data_dir)
     if b.folder is None:
         per_lang = read_demo(b.name, langs)
         parts = [per_lang.get(l, _new_cols(b.task)) for l in langs]
     else:
-        root = _root(b, data_dir)
         if root is None: parts = [_hub_columns(b, l) for l in langs]
         else:
             missing = [str(p) for l in langs for p in _local_files(b, root, l) if not p.exists()]
@@ -424,12 +460,38 @@ def load_benchmark(name:str, # `massive`, `tsm`, `universal-ner`, `demo-intent` 
             for p in {p for l in langs for p in _local_files(b, root, l) if p.parent.name == "preliminary"}:
                 _warn_preliminary(p)
             parts = [_local_columns(b, root, l) for l in langs]
+    for l, p in zip(langs, parts): _check_rows(b, root, l, p)
     out = {}
     for s in SPLITS:
         cols = {k: [v for p in parts for v in p[s][k]] for k in parts[0][s]}
         cols["language"] = [l for l, p in zip(langs, parts) for _ in range(len(next(iter(p[s].values()))))]
         out[s] = Dataset.from_dict(cols, features=b.features)
     return DatasetDict(out)
+
+# %% ../nbs/01_data.ipynb #3377b36d
+_CHECKED = {} # (benchmark, language, folder, file stamps) -> examples per split
+
+def _stamp(p:Path) -> tuple:
+    try: st = p.stat(); return (str(p), st.st_size, st.st_mtime_ns)
+    except FileNotFoundError: return (str(p), None, None)
+
+def check_benchmark(name:str, # a benchmark name (a key of `BENCHMARKS`)
+                    languages:str|list="all", # as for `load_benchmark`
+                    *,
+                    data_dir:str|Path|None=None, # as for `load_benchmark`
+                   ) -> dict:
+    "Examples per split of each language (`{lang: {split: n}}`); raises what `load_benchmark` raises on bad files."
+    b = _benchmark(name)
+    root = None if b.folder is None else _root(b, data_dir)
+    out = {}
+    for l in select_languages(b.name, languages):
+        files = [_asset(b)] if b.folder is None else [] if root is None else _local_files(b, root, l)
+        key = (b.name, l, str(root), tuple(_stamp(p) for p in files))
+        if key not in _CHECKED:
+            dd = load_benchmark(b.name, languages=[l], data_dir=data_dir)
+            _CHECKED[key] = {s: dd[s].num_rows for s in SPLITS}
+        out[l] = dict(_CHECKED[key])
+    return out
 
 # %% ../nbs/01_data.ipynb #14cca7c7
 def _allocate(counts:np.ndarray, k:int, rng) -> np.ndarray:
