@@ -10,7 +10,7 @@ from typing import Callable
 import pandas as pd
 import kdnb
 from .experiment import (Spec, SpecError, GridFailed, SECTIONS, STUDY_PRESETS, load_specs, section_grid, run_grid,
-                             results, results_by_language)
+                             results, results_by_language, check_ready)
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'PLUGINS', 'LIST_COLUMNS', 'subcommand', 'parser', 'main']
@@ -46,7 +46,7 @@ def _run_args(p):
     p.add_argument("--study", required=True, help="study folder (created; holds results.sqlite, teachers and runs)")
     p.add_argument("--section", nargs="+", choices=SECTIONS, help="run the paper's section grid(s) instead of a file")
     p.add_argument("--preset", default="demo", choices=list(STUDY_PRESETS), help="preset of --section (default: demo)")
-    p.add_argument("--dry-run", action="store_true", help="validate and list the specs, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="validate, check (data files, student shapes) and list the specs; train nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-wait", action="store_true", help="do not wait for specs another process is running")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' Trainer checkpoints")
@@ -77,10 +77,11 @@ def _table(df:pd.DataFrame, columns=LIST_COLUMNS)->str:
 def _run(args):
     specs = _specs_of(args)
     if args.dry_run:
+        for s in specs: check_ready(s)   # the data files and student shapes, as a real run checks them first
         print(_table(pd.DataFrame([{**s.to_dict(), "spec_id": s.spec_id, "label": s.label} for s in specs]),
                      ["spec_id", "dataset", "model", "label", "layers", "hidden", "train_languages", "test_languages",
                       "subset", "seed"]))
-        print(f"{len(specs)} specs (dry run: nothing was trained)")
+        print(f"{len(specs)} specs (dry run: checked, nothing was trained)")
         return 0
     df = run_grid(specs, args.study, progress=not args.no_progress, wait=not args.no_wait, errors=args.errors,
                   keep_checkpoints=args.keep_checkpoints)

@@ -110,8 +110,12 @@ def _check_langs(spec, field):
         raise _bad(field, v, allowed)
     try: from kdnb.data import select_languages
     except ImportError: return
-    try: select_languages(spec.dataset, v if isinstance(v, str) else list(v))
+    try: codes = select_languages(spec.dataset, v if isinstance(v, str) else list(v))
     except (ValueError, KeyError) as e: raise SpecError(f"Spec.{field}={_fmt(v)} is invalid: {e}") from None
+    from kdnb.data import BENCHMARKS
+    if field != "test_languages" and (only := [c for c in codes if c in BENCHMARKS[spec.dataset].test_only]):
+        raise SpecError(f"Spec.{field}={_fmt(v)} is invalid: {', '.join(only)} of {spec.dataset!r} only has a test "
+                        "split (nothing to train on); use it in test_languages only.")
 
 @patch
 def validate(self:Spec):
@@ -646,7 +650,7 @@ def run_dir(spec:Spec, study_dir:str|Path)->Path:
 
 
 def check_ready(spec:Spec)->Spec:
-    "Raise one clear error, before any training, when `spec` cannot run here (data, model folder, tiny-model limits)."
+    "Raise one clear error, before any training, when `spec` cannot run here (data files, model, student shape)."
     from kdnb.data import BENCHMARKS, data_available, _offline
     b = BENCHMARKS[spec.dataset]
     if b.folder is not None and not data_available(spec.dataset) and _offline():
@@ -657,6 +661,8 @@ def check_ready(spec:Spec)->Spec:
     if spec.model in TINY_MODELS and spec.max_length > 128:
         raise SpecError(f"Spec.max_length={spec.max_length} is invalid for the tiny model {spec.model!r}: allowed values "
                         "are 8 to 128 (its position embeddings).")
+    from kdnb.checks import check_data, check_student
+    check_student(spec); check_data(spec)   # the student's shape against the model's config; every file it reads
     return spec
 
 _MEMO = {}

@@ -23,7 +23,8 @@ def teacher_layers(n_teacher:int, # teacher depth N_T
     "0-based teacher layer for each student layer: k = i·N_T/N_S (1-based i, k) unless `layer_map` is given."
     if n_student < 1: raise ValueError(f"The student needs at least one layer, got num_layers={n_student}.")
     if n_student > n_teacher:
-        raise ValueError(f"The student ({n_student} layers) cannot be deeper than the teacher ({n_teacher} layers).")
+        raise ValueError(f"The student ({n_student} layers) cannot be deeper than the teacher ({n_teacher} layers); "
+                         f"use at most {n_teacher} layers.")
     if layer_map is not None:
         lm = list(layer_map)
         if len(lm) != n_student:
@@ -124,7 +125,8 @@ def student_config(teacher_config, # config of the teacher
     layers = teacher_layers(t.num_hidden_layers, num_layers, layer_map)
     hidden = t.hidden_size if hidden_size is None else int(hidden_size)
     if hidden > t.hidden_size:
-        raise ValueError(f"The student (hidden_size={hidden}) cannot be wider than the teacher ({t.hidden_size}).")
+        raise ValueError(f"The student (hidden_size={hidden}) cannot be wider than the teacher ({t.hidden_size}); "
+                         f"use at most {t.hidden_size}, e.g. {t.hidden_size // 2} (half).")
     if hidden < 1: raise ValueError(f"hidden_size must be positive, got {hidden}.")
     if hidden % t.num_attention_heads:
         raise ValueError(f"hidden_size={hidden} is not divisible by the {t.num_attention_heads} attention heads (the "

