@@ -24,9 +24,13 @@ def spec_languages(spec:Spec, # the experiment
 def check_data(spec:Spec, # the experiment
               ) -> dict:
     "Examples per split of every language `spec` reads (`{lang: {split: n}}`); a `DataFileError` naming a bad file."
-    from kdnb.data import check_benchmark
-    langs = list(dict.fromkeys(l for ls in spec_languages(spec).values() for l in ls))
-    return check_benchmark(spec.dataset, langs)
+    from kdnb.data import BENCHMARKS, check_benchmark
+    roles, test_only = spec_languages(spec), BENCHMARKS[spec.dataset].test_only
+    for role, field in (("train", "train_languages"), ("teacher", "teacher_languages")):
+        if only := [l for l in roles.get(role, []) if l in test_only]:
+            raise SpecError(f"Spec.{field}={_fmt(getattr(spec, field))} is invalid: {', '.join(only)} of {spec.dataset!r} "
+                            "only has a test split (nothing to train on); use it in test_languages only.")
+    return check_benchmark(spec.dataset, list(dict.fromkeys(l for ls in roles.values() for l in ls)))
 
 # %% ../nbs/12_checks.ipynb #0e0583e2
 _CONFIGS = {} # model name -> config, read once per process
