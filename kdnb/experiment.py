@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_experiment.ipynb #44e1d1e4
 from __future__ import annotations
-import contextlib, hashlib, itertools, json, math, os, shutil, socket, sqlite3, subprocess, sys, threading, time, warnings
+import contextlib, contextvars, hashlib, itertools, json, math, os, shutil, socket, sqlite3, subprocess, sys, threading, time, warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -105,14 +105,17 @@ def _bad(field, value, allowed):
 def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
 def _is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+_STORED = contextvars.ContextVar("kdnb_stored_spec", default=False) # True: a spec read back from a store, its data may be absent
+
 def _check_langs(spec, field):
     v = getattr(spec, field)
     if v is None and field == "teacher_languages": return
     allowed = f"one of {', '.join(map(repr, LANGUAGE_SETS))} or a list of language codes of dataset {spec.dataset!r}"
     if not (isinstance(v, str) or (isinstance(v, tuple) and v and all(isinstance(o, str) for o in v))):
         raise _bad(field, v, allowed)
-    try: from kdnb.data import select_languages
+    try: from kdnb.data import select_languages, BENCHMARKS
     except ImportError: return
+    if _STORED.get() and spec.dataset not in BENCHMARKS: return   # listing results needs no data
     try: select_languages(spec.dataset, v if isinstance(v, str) else list(v))
     except (ValueError, KeyError) as e: raise SpecError(f"Spec.{field}={_fmt(v)} is invalid: {e}") from None
 
@@ -124,8 +127,9 @@ def validate(self:Spec):
     try: from kdnb.data import BENCHMARKS
     except ImportError: BENCHMARKS = None
     if not isinstance(self.dataset, str) or (BENCHMARKS is not None and self.dataset not in BENCHMARKS
-                                             and _user_benchmark(self.dataset) is None):
-        raise _bad("dataset", self.dataset, ", ".join(map(repr, BENCHMARKS or ["a benchmark name"])) +
+                                             and not _STORED.get() and _user_benchmark(self.dataset) is None):
+        builtin = [k for k, b in (BENCHMARKS or {}).items() if not callable(b.reader)] or ["a benchmark name"]
+        raise _bad("dataset", self.dataset, ", ".join(map(repr, builtin)) +
                    ", a registered name, a csv/json/jsonl/parquet file or folder, or a hub dataset id (owner/name)")
     if self.init not in SPEC_INITS: raise _bad("init", self.init, ", ".join(map(repr, SPEC_INITS)))
     if not isinstance(self.kd, bool): raise _bad("kd", self.kd, "True or False")
@@ -638,7 +642,9 @@ RESULT_COLUMNS = ["spec_id", "model", "dataset", "init", "kd", "copy_from", "lay
 def _lang_text(v): return v if v is None or isinstance(v, str) else ",".join(v)
 
 def _result_row(r:dict)->dict:
-    spec = Spec.from_json(r["spec"])
+    token = _STORED.set(True)   # user data (a file, a registered name) need not be at hand to list results
+    try: spec = Spec.from_json(r["spec"])
+    finally: _STORED.reset(token)
     d = {k: getattr(spec, k) for k in SPEC_COLUMNS}
     for k in ("train_languages", "test_languages"): d[k] = _lang_text(d[k])
     d["teacher_languages"] = _lang_text(spec.teacher_train_languages)

@@ -89,15 +89,16 @@ def _as_list(v):
     return list(v) if v is not None and not isinstance(v, float) else []
 
 def _split_frames(dd:DatasetDict, split_col, src) -> dict:
-    "pandas frames per kdnb split, from the dataset's own splits or from a split column."
+    "pandas frames per kdnb split (`_row`: the row in its file), from the dataset's own splits or from a split column."
     if unknown := [k for k in dd if k not in SPLIT_NAMES]:
         raise DataFileError(f"{src}: unknown split(s) {unknown}; name them train, dev (or validation) and test.")
     frames = {}
-    for k, ds in dd.items(): frames.setdefault(SPLIT_NAMES[k], []).append(ds.to_pandas())
+    for k, ds in dd.items(): frames.setdefault(SPLIT_NAMES[k], []).append(ds.to_pandas().assign(_row=range(1, ds.num_rows + 1)))
     frames = {k: v[0] if len(v) == 1 else __import__("pandas").concat(v, ignore_index=True) for k, v in frames.items()}
     if split_col is not None:
         import pandas as pd
         whole = pd.concat(list(frames.values()), ignore_index=True)
+        if len(frames) == 1: whole["_row"] = range(1, len(whole) + 1)   # rows of the one file
         raw = whole[split_col].map(lambda v: "" if _missing(v) else str(v).strip().lower())
         if bad := sorted(set(raw) - set(SPLIT_NAMES)):
             row = int((~raw.isin(list(SPLIT_NAMES))).to_numpy().argmax()) + 1
@@ -144,22 +145,22 @@ def _encode(v, ids, names, src, row, what):
                         "label_names= with every label.")
 
 # %% ../nbs/12_userdata.ipynb #5b39973a
-def _columns(frames, task, cols, labels, src, feat_names) -> dict:
-    "kdnb columns per split (`text`/`label` or `tokens`/`ner_tags`, and `language`), checked row by row."
+def _columns(frames, task, cols, labels, src, feat_names, one_file=True) -> dict:
+    "kdnb columns per split (`text`/`label` or `tokens`/`ner_tags`, and `language`), checked row by row (rows named by file row)."
     x, y, lang = cols[_ROLES[task][0]], cols[_ROLES[task][1]], cols["language"]
     ids = {n: i for i, n in enumerate(labels)}
     out = {}
     for s in SPLITS:
-        df, where = frames[s], f"{src} ({s})"
+        df, where, rows = frames[s], src if one_file else f"{src} ({s})", frames[s]["_row"].tolist()
         c = {"language": []}
-        for i, l in enumerate(df[lang].tolist(), 1):
+        for i, l in zip(rows, df[lang].tolist()):
             if _missing(l): raise DataFileError(f"{where}, row {i}: empty language in column {lang!r}; fill it in or drop the row.")
             c["language"].append(str(l).strip())
         yv = [[feat_names[t] for t in v] if feat_names and task == "ner" else
               feat_names[v] if feat_names and not _missing(v) else v for v in df[y].tolist()]
         if task == "ner":
             c["tokens"], c["ner_tags"] = [], []
-            for i, (toks, tags) in enumerate(zip(df[x].tolist(), yv), 1):
+            for i, toks, tags in zip(rows, df[x].tolist(), yv):
                 toks, tags = _as_list(toks), _as_list(tags)
                 if not toks or len(toks) != len(tags):
                     raise DataFileError(f"{where}, row {i}: {len(toks)} tokens but {len(tags)} tags; they must match one "
@@ -168,10 +169,10 @@ def _columns(frames, task, cols, labels, src, feat_names) -> dict:
                 c["ner_tags"].append([_encode(t, ids, labels, where, i, "tag") for t in tags])
         else:
             c["text"] = []
-            for i, t in enumerate(df[x].tolist(), 1):
+            for i, t in zip(rows, df[x].tolist()):
                 if _missing(t): raise DataFileError(f"{where}, row {i}: empty text in column {x!r}; every row needs one.")
                 c["text"].append(str(t))
-            c["label"] = [_encode(v, ids, labels, where, i, "label") for i, v in enumerate(yv, 1)]
+            c["label"] = [_encode(v, ids, labels, where, i, "label") for i, v in zip(rows, yv)]
         out[s] = c
     return out
 
@@ -244,7 +245,7 @@ def register_benchmark(name:str, # the name specs use (or a path / hub id, which
     vals = [t for s in SPLITS for v in frames[s][ycol].tolist() for t in (_as_list(v) if task == "ner" else [v])]
     if feat_names: vals = [feat_names[v] for v in vals]
     labels = _label_names(vals, None, label_names, task, src) if label_names is not None or not feat_names else list(feat_names)
-    c = _columns(frames, task, cols, labels, src, feat_names)
+    c = _columns(frames, task, cols, labels, src, feat_names, one_file=len(dd) == 1)
     langs, test_only = _languages(c, src)
     if bad := [l for l in unseen if l not in langs]:
         raise ValueError(f"register_benchmark: unseen={list(unseen)} has {bad}, not a training language of {src} "

@@ -35,8 +35,8 @@ def _csv(path, rows):
 
 
 def _kdnb(*args):
-    return subprocess.run([sys.executable, "-m", "kdnb.cli", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=900)
+    cmd = [sys.executable, "-c", "import sys; from kdnb.cli import main; sys.exit(main())"]   # this checkout's kdnb
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=ENV, timeout=900)
 
 
 def _teacher(path, labels):
@@ -74,12 +74,11 @@ def test_cli_runs_csv_and_jsonl(tmp_path):
                                         "split": "partition", "unseen": ["fr"]}},
               **TINY, "dataset": "my-jsonl", "init": "from-teacher", "kd": True, "trim": True,
               "train_languages": "seen", "test_languages": "unseen"}]
-    for i, s in enumerate(specs):
-        (tmp_path/f"spec{i}.json").write_text(json.dumps(s))
+    (tmp_path/"csv.json").write_text(json.dumps(specs[:2])); (tmp_path/"jsonl.json").write_text(json.dumps(specs[2]))
     study = tmp_path/"study"
-    for i in range(3):
-        r = _kdnb("run", tmp_path/f"spec{i}.json", "--study", study, "--no-progress")
-        assert r.returncode == 0 and "1 of 1 specs done" in r.stdout, r.stdout + r.stderr[-3000:]
+    for f, n in (("csv.json", 2), ("jsonl.json", 1)):
+        r = _kdnb("run", tmp_path/f, "--study", study, "--no-progress")
+        assert r.returncode == 0 and f"{n} of {n} specs done" in r.stdout, r.stdout + r.stderr[-3000:]
     df = results(study)
     assert len(df) == 3 and set(df.status) == {"done"}
     assert set(df.dataset) == {str(csv.resolve()), "my-jsonl"}
