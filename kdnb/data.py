@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip, json, os, warnings, zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 import numpy as np
 import datasets
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
@@ -55,6 +56,7 @@ class Benchmark:
     hub: str|None = None # public hub dataset id with a parquet conversion
     numeric_labels: bool = False # files store labels as 0..n-1 instead of names
     layout: str = "" # expected file layout, for error messages
+    reader: str|Callable = "" # `massive`, `tsm`, `iob2`, `demo`, or `reader(benchmark, languages, data_dir) -> DatasetDict` (user data)
 
     @property
     def seen(self):
@@ -86,29 +88,30 @@ _MASSIVE_UNSEEN = ("am-ET cy-GB af-ZA km-KH sw-KE mn-MN tl-PH kn-IN te-IN sq-AL 
 BENCHMARKS = {b.name: b for b in [
     Benchmark("massive", "classification", tuple(_MASSIVE_LOCALES), tuple(_MASSIVE_UNSEEN), "en-US", MASSIVE_INTENTS,
               folder="massive", hub="AmazonScience/massive",
-              layout="massive/<locale>.jsonl.gz (or .jsonl): MASSIVE 1.1 JSON Lines, one file per locale"),
+              layout="massive/<locale>.jsonl.gz (or .jsonl): MASSIVE 1.1 JSON Lines, one file per locale", reader="massive"),
     Benchmark("tsm", "classification",
               ("arabic", "english", "french", "german", "hindi", "italian", "portuguese", "spanish"),
               ("arabic", "french", "hindi", "portuguese"), "english", TSM_LABELS, folder="tsm",
               hub="cardiffnlp/tweet_sentiment_multilingual", numeric_labels=True,
-              layout="tsm/<language>/{train,val,test}_{text,labels}.txt: XLM-T data/sentiment folders"),
+              layout="tsm/<language>/{train,val,test}_{text,labels}.txt: XLM-T data/sentiment folders", reader="tsm"),
     Benchmark("universal-ner", "ner",
               ("da_ddt", "en_ewt", "hr_set", "pt_bosque", "sk_snk", "sr_set", "sv_talbanken", "zh_gsd", "zh_gsdsimp"),
               ("da_ddt", "pt_bosque", "sr_set", "sk_snk", "sv_talbanken"), "en_ewt", NER_LABELS,
               test_only=("ceb_gja", "de_pud", "en_pud", "pt_pud", "ru_pud", "sv_pud", "tl_trg", "tl_ugnayan", "zh_pud"),
               folder="universal-ner", hub="universalner/universal_ner",
-              layout="universal-ner/<treebank>/<treebank>-ud-{train,dev,test}.iob2: UNER v1 files"),
+              layout="universal-ner/<treebank>/<treebank>-ud-{train,dev,test}.iob2: UNER v1 files", reader="iob2"),
     Benchmark("demo-intent", "classification", ("en", "de", "fr", "es", "pt", "ru", "ar", "zh"), ("pt", "ru", "ar"),
-              "en", DEMO_INTENTS, layout="kdnb/assets/demo_intent.jsonl"),
+              "en", DEMO_INTENTS, layout="kdnb/assets/demo_intent.jsonl", reader="demo"),
     Benchmark("demo-ner", "ner", ("en", "de", "es", "fr"), ("fr",), "en", NER_LABELS,
-              layout="kdnb/assets/demo_ner.jsonl"),
+              layout="kdnb/assets/demo_ner.jsonl", reader="demo"),
 ]}
 
 def _benchmark(name:str # a key of `BENCHMARKS`
               ) -> Benchmark:
     "The `Benchmark` called `name`, or a clear error listing the valid names."
     if isinstance(name, Benchmark): return name
-    if name not in BENCHMARKS: raise ValueError(f"Unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}.")
+    if name not in BENCHMARKS: raise ValueError(f"Unknown benchmark {name!r}; valid names: {', '.join(BENCHMARKS)}, "
+                                                "or a user dataset registered with kdnb.userdata.register_benchmark.")
     return BENCHMARKS[name]
 
 # %% ../nbs/01_data.ipynb #2319d505
@@ -120,7 +123,10 @@ def select_languages(name:str, # benchmark name (a key of `BENCHMARKS`)
     "The language codes of `name` that `languages` selects, in the benchmark's order for named selections."
     b = _benchmark(name)
     if isinstance(languages, str) and languages in _SELECTIONS:
-        return list({"all": b.languages, "seen": b.seen, "unseen": b.unseen, "english": (b.english,)}[languages])
+        codes = list({"all": b.languages, "seen": b.seen, "unseen": b.unseen, "english": (b.english,)}[languages])
+        if not codes: raise ValueError(f"{b.name!r} has no {languages!r} languages; register it with them "
+                                       f"(kdnb.userdata.register_benchmark(..., unseen=[...])) or pick codes: {' '.join(b.languages)}.")
+        return codes
     codes = languages.split(",") if isinstance(languages, str) else list(languages)
     codes = list(dict.fromkeys(c.strip() for c in codes if c.strip()))
     valid = b.languages + b.test_only
@@ -162,6 +168,7 @@ def data_available(name:str|None=None, # a benchmark name; None: is any local da
                   ) -> bool:
     "True when `name`'s files (or, with no name, a local data folder) can be found without the hub."
     b = _benchmark(name) if name is not None else None
+    if b is not None and callable(b.reader): return True   # user data: read (and checked) when registered
     if b is not None and b.folder is None: return _asset(b).exists()
     try: d = find_data_dir(data_dir)
     except FileNotFoundError: return False
@@ -391,16 +398,22 @@ def _hub_columns(b:Benchmark, lang:str) -> dict:
 # %% ../nbs/01_data.ipynb #44b524fc
 def _local_files(b:Benchmark, root:Path, lang:str) -> list:
     "The files `lang` of `b` needs under `root`."
-    if b.name == "massive":
+    if b.reader == "massive":
         gz, plain = root/f"{lang}.jsonl.gz", root/f"{lang}.jsonl"
         return [plain if plain.exists() and not gz.exists() else gz]
-    if b.name == "tsm": return [root/lang/f"{stem}_{kind}.txt" for stem in _TSM_FILES.values() for kind in ("text", "labels")]
-    return list(_uner_files(root, lang).values())
+    if b.reader == "tsm": return [root/lang/f"{stem}_{kind}.txt" for stem in _TSM_FILES.values() for kind in ("text", "labels")]
+    if b.reader == "iob2": return list(_uner_files(root, lang).values())
+    raise _no_reader(b)
+
+def _no_reader(b:Benchmark) -> ValueError:
+    return ValueError(f"Benchmark {b.name!r} has reader={b.reader!r}, which kdnb does not know: use 'massive', 'tsm' or "
+                      "'iob2' for files in those layouts, or register your data with kdnb.userdata.register_benchmark.")
 
 def _local_columns(b:Benchmark, root:Path, lang:str) -> dict:
     "Columns per split of one language of `b` from the original files under `root`."
-    if b.name == "massive": return read_massive(_local_files(b, root, lang)[0])
-    if b.name == "tsm": return read_tsm(root/lang)
+    if b.reader == "massive": return read_massive(_local_files(b, root, lang)[0])
+    if b.reader == "tsm": return read_tsm(root/lang)
+    if b.reader != "iob2": raise _no_reader(b)
     cols = _new_cols("ner")
     for s, p in _uner_files(root, lang).items(): cols[s] = read_iob2(p)
     return cols
@@ -444,8 +457,9 @@ def load_benchmark(name:str, # `massive`, `tsm`, `universal-ner`, `demo-intent` 
     "Splits `train`, `dev`, `test` of benchmark `name` for `languages`; each row has a `language`."
     b = _benchmark(name)
     langs = select_languages(b.name, languages)
-    root = None if b.folder is None else _root(b, data_dir)
-    if b.folder is None:
+    if callable(b.reader): return b.reader(b, langs, data_dir)   # user data (kdnb.userdata)
+    root = None if b.reader == "demo" else _root(b, data_dir)
+    if b.reader == "demo":
         per_lang = read_demo(b.name, langs)
         parts = [per_lang.get(l, _new_cols(b.task)) for l in langs]
     else:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_experiment.ipynb #44e1d1e4
 from __future__ import annotations
-import contextlib, hashlib, itertools, json, math, os, shutil, socket, sqlite3, subprocess, sys, threading, time, warnings
+import contextlib, contextvars, hashlib, itertools, json, math, os, shutil, socket, sqlite3, subprocess, sys, threading, time, warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -71,9 +71,12 @@ class Spec:
     max_length:int=128 # tokens per example
     trim:bool=False # trim the vocabulary to the tokens the dataset uses (smaller, faster models)
     layer_map:tuple|None=None # explicit 0-based teacher layer per student layer (None: the paper's even spacing)
+    teacher:str|None=None # an already fine-tuned teacher (folder or hub id) to distill from; sets `model` (no teacher training)
+    base:str|None=None # with `teacher`: the pre-trained model `from-base` copies (the teacher's own base model)
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)
+        _own(self, put)   # user data and own teachers: local paths resolved, model = teacher
         for k in ("train_languages", "test_languages", "teacher_languages"): put(k, _langs(getattr(self, k)))
         for k in ("epochs", "learning_rate"): put(k, _num(getattr(self, k)))
         for k in ("subset", "eval_subset"):
@@ -102,14 +105,17 @@ def _bad(field, value, allowed):
 def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
 def _is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+_STORED = contextvars.ContextVar("kdnb_stored_spec", default=False) # True: a spec read back from a store, its data may be absent
+
 def _check_langs(spec, field):
     v = getattr(spec, field)
     if v is None and field == "teacher_languages": return
     allowed = f"one of {', '.join(map(repr, LANGUAGE_SETS))} or a list of language codes of dataset {spec.dataset!r}"
     if not (isinstance(v, str) or (isinstance(v, tuple) and v and all(isinstance(o, str) for o in v))):
         raise _bad(field, v, allowed)
-    try: from kdnb.data import select_languages
+    try: from kdnb.data import select_languages, BENCHMARKS
     except ImportError: return
+    if _STORED.get() and spec.dataset not in BENCHMARKS: return   # listing results needs no data
     try: select_languages(spec.dataset, v if isinstance(v, str) else list(v))
     except (ValueError, KeyError) as e: raise SpecError(f"Spec.{field}={_fmt(v)} is invalid: {e}") from None
 
@@ -120,8 +126,11 @@ def validate(self:Spec):
         raise _bad("model", self.model, "'embedded', a hub name, a local folder, or one of " + ", ".join(map(repr, TINY_MODELS)))
     try: from kdnb.data import BENCHMARKS
     except ImportError: BENCHMARKS = None
-    if not isinstance(self.dataset, str) or (BENCHMARKS is not None and self.dataset not in BENCHMARKS):
-        raise _bad("dataset", self.dataset, ", ".join(map(repr, BENCHMARKS or ["a benchmark name"])))
+    if not isinstance(self.dataset, str) or (BENCHMARKS is not None and self.dataset not in BENCHMARKS
+                                             and not _STORED.get() and _user_benchmark(self.dataset) is None):
+        builtin = [k for k, b in (BENCHMARKS or {}).items() if not callable(b.reader)] or ["a benchmark name"]
+        raise _bad("dataset", self.dataset, ", ".join(map(repr, builtin)) +
+                   ", a registered name, a csv/json/jsonl/parquet file or folder, or a hub dataset id (owner/name)")
     if self.init not in SPEC_INITS: raise _bad("init", self.init, ", ".join(map(repr, SPEC_INITS)))
     if not isinstance(self.kd, bool): raise _bad("kd", self.kd, "True or False")
     if self.layers is not None and not (_is_int(self.layers) and self.layers >= 1):
@@ -153,11 +162,44 @@ def validate(self:Spec):
     if self.layer_map is not None and not (all(_is_int(i) and i >= 0 for i in self.layer_map) and
                                            (self.layers is None or len(self.layer_map) == self.layers)):
         raise _bad("layer_map", self.layer_map, "None or a list of 0-based teacher layers, one per student layer")
+    _check_own(self)
     return self
+
+def _user_benchmark(name):
+    "The user dataset `name` (a path or hub id is registered on first use), or None."
+    try: from kdnb.userdata import user_benchmark
+    except ImportError: return None
+    return user_benchmark(name)
+
+def _own(spec, put):
+    "Normalize the user-data fields: a local dataset, teacher or base path is resolved; a teacher is the `model`."
+    try: from kdnb.userdata import dataset_key
+    except ImportError: return
+    for k in ("dataset", "teacher", "base"):
+        if isinstance(v := getattr(spec, k), str): put(k, dataset_key(v))
+    if isinstance(spec.teacher, str) and spec.model == "embedded": put("model", spec.teacher)
+
+def _check_own(s):
+    "The rules of an own teacher: it is the model, keeps its vocabulary, and `from-base` needs `base`."
+    if s.teacher is None:
+        if s.base is not None: raise _bad("base", s.base, "None unless teacher= is given (without a teacher, model is the base)")
+        return
+    if not isinstance(s.teacher, str) or not s.teacher.strip(): raise _bad("teacher", s.teacher, "None, a model folder or a hub id")
+    if s.model != s.teacher:
+        raise SpecError(f"Spec.model={s.model!r} and Spec.teacher={s.teacher!r} name different models: with teacher=, "
+                        "leave model unset (the student is built from the teacher; base= is from-base's pre-trained model).")
+    if s.trim: raise _bad("trim", s.trim, "False with teacher= (an own teacher keeps its vocabulary)")
+    if s.teacher_languages is not None:
+        raise _bad("teacher_languages", s.teacher_languages, "None with teacher= (the teacher is already fine-tuned)")
+    if (s.init == "from-base" or s.copy_from == "from-base") and s.base is None:
+        raise SpecError(f"Spec.init={s.init!r} with teacher= needs base=: the pre-trained model (hub id or folder) the "
+                        "teacher was fine-tuned from, whose weights the student copies.")
 
 # %% ../nbs/07_experiment.ipynb #7f51db2e
 _TEACHER_FIELDS = ("model", "dataset", "subset", "train_sample", "eval_subset", "seed", "epochs", "eval_steps", "max_steps",
                    "batch_size", "learning_rate", "max_length", "trim")
+
+_OPTIONAL_FIELDS = ("teacher", "base") # fields added later: None leaves them out of `spec_id`
 
 def _hash(d:dict)->str: return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -187,8 +229,8 @@ def from_json(cls:Spec, s:str)->Spec:
 
 @patch(as_prop=True)
 def spec_id(self:Spec)->str:
-    "A stable 12-hex-digit id of every field."
-    return _hash(self.to_dict())
+    "A stable 12-hex-digit id of every field (optional fields left at None do not count, so older ids stay)."
+    return _hash({k: v for k, v in self.to_dict().items() if v is not None or k not in _OPTIONAL_FIELDS})
 
 @patch(as_prop=True)
 def teacher_train_languages(self:Spec):
@@ -199,6 +241,7 @@ def teacher_train_languages(self:Spec):
 def teacher_key(self:Spec)->str|None:
     "Id of the fine-tuned teacher this spec uses (None when it needs none)."
     if not self.uses_teacher: return None
+    if self.teacher is not None: return _hash({"teacher": self.teacher})   # an own teacher: nothing to train
     d = {k: getattr(self, k) for k in _TEACHER_FIELDS}
     d["languages"] = list(l) if isinstance(l := self.teacher_train_languages, tuple) else l
     return _hash(d)
@@ -228,15 +271,17 @@ def grid(**axes)->list[Spec]:
 # %% ../nbs/07_experiment.ipynb #5132d0f3
 def load_specs(src:str|Path|dict|list, # a JSON file path, or the parsed JSON: a spec, a list, a grid or a section
               )->list[Spec]:
-    "Specs from a JSON spec, list of specs, `{'grid': {...}}` or `{'section': ..., 'preset': ...}`."
+    "Specs from a JSON spec, list of specs, `{'grid': {...}}` or `{'section': ..., 'preset': ...}` (each may add `datasets`)."
     if isinstance(src, (str, Path)):
         p = Path(src)
         if not p.exists(): raise FileNotFoundError(f"Spec file {str(p)!r} does not exist.")
         try: src = json.loads(p.read_text())
         except json.JSONDecodeError as e: raise SpecError(f"{p} is not valid JSON: {e}") from None
+        if isinstance(src, dict) and "datasets" in src: src = _register(src, p.parent)
     if isinstance(src, list): return [s for o in src for s in load_specs(o)]
     if isinstance(src, Spec): return [src]
     if not isinstance(src, dict): raise SpecError(f"A spec file holds an object or a list, got {type(src).__name__}.")
+    if "datasets" in src: src = _register(src, Path.cwd())
     if "grid" in src:
         fixed = {k: (tuple(v) if isinstance(v, list) else v) for k, v in src.items() if k != "grid"}
         if not isinstance(src["grid"], dict): raise SpecError('"grid" must be an object of axes, e.g. {"init": [...]}.')
@@ -244,6 +289,12 @@ def load_specs(src:str|Path|dict|list, # a JSON file path, or the parsed JSON: a
     if "section" in src:
         kw = dict(src); return section_grid(kw.pop("section"), **kw)
     return [Spec.from_dict(src)]
+
+def _register(src:dict, root:Path)->dict:
+    "Register the user datasets of a spec file's `datasets` object (paths relative to `root`); the rest of `src`."
+    from kdnb.userdata import register_datasets
+    src = dict(src); register_datasets(src.pop("datasets"), root)
+    return src
 
 # %% ../nbs/07_experiment.ipynb #08b5d6f4
 _KEYS = {"runs": "spec_id", "teachers": "teacher_key"}
@@ -470,6 +521,7 @@ def ensure_teacher(spec:Spec, # any spec that uses a teacher
                    poll:float=2.0, # seconds between looks while another process trains this teacher
                   )->Path:
     "The `best/` folder of `spec`'s fine-tuned teacher, training it first if it is not cached (or has gone missing)."
+    if spec.teacher is not None: from kdnb.userdata import own_teacher; return own_teacher(spec)   # already fine-tuned
     store, key, out = Store(study_dir), spec.teacher_key, teacher_dir(spec, study_dir)
     tspec = spec.teacher_spec()
     if (err := _TEACHER_FAILURES.get((str(store.path), key))) is not None:
@@ -590,7 +642,9 @@ RESULT_COLUMNS = ["spec_id", "model", "dataset", "init", "kd", "copy_from", "lay
 def _lang_text(v): return v if v is None or isinstance(v, str) else ",".join(v)
 
 def _result_row(r:dict)->dict:
-    spec = Spec.from_json(r["spec"])
+    token = _STORED.set(True)   # user data (a file, a registered name) need not be at hand to list results
+    try: spec = Spec.from_json(r["spec"])
+    finally: _STORED.reset(token)
     d = {k: getattr(spec, k) for k in SPEC_COLUMNS}
     for k in ("train_languages", "test_languages"): d[k] = _lang_text(d[k])
     d["teacher_languages"] = _lang_text(spec.teacher_train_languages)
@@ -654,6 +708,7 @@ def check_ready(spec:Spec)->Spec:
                                 f"<data_dir>/{b.layout} (data_dir: $KDNB_DATA_DIR or ../shared/data next to the repository).")
     if spec.model.startswith(("/", "./", "../", "~")) and not Path(spec.model).expanduser().exists():
         raise FileNotFoundError(f"Spec.model={spec.model!r}: no such model folder.")
+    if spec.teacher is not None: from kdnb.userdata import own_teacher; own_teacher(spec)
     if spec.model in TINY_MODELS and spec.max_length > 128:
         raise SpecError(f"Spec.max_length={spec.max_length} is invalid for the tiny model {spec.model!r}: allowed values "
                         "are 8 to 128 (its position embeddings).")
@@ -702,11 +757,12 @@ def _base_model(spec:Spec, study_dir):
     from kdnb.models import tiny_model, load_model, trim_vocab
     task, labels = _task(spec)
     transformers.set_seed(spec.seed)  # the new head's weights
-    if spec.model in TINY_MODELS:
-        m = tiny_model(TINY_MODELS[spec.model], task, num_labels=len(labels), seed=0, vocab_size=len(_tokenizer(spec.model)))
+    name = spec.base or spec.model   # an own teacher's `base`, else the model
+    if name in TINY_MODELS:
+        m = tiny_model(TINY_MODELS[name], task, num_labels=len(labels), seed=0, vocab_size=len(_tokenizer(spec.model)))
         m.config.id2label = dict(enumerate(labels)); m.config.label2id = {l: i for i, l in enumerate(labels)}
-        m.config.name_or_path = spec.model
-    else: m = load_model(spec.model, task, labels)
+        m.config.name_or_path = name
+    else: m = load_model(name, task, labels)
     if spec.trim: m, _ = trim_vocab(m, _keep_ids(spec, study_dir))
     return m
 
@@ -817,7 +873,8 @@ def _run_spec(spec, study_dir, progress):
     score = lambda m, split: evaluate_by_language(m, data[split], task=task, label_names=labels, tokenizer=tok)
     if spec.init == "teacher":
         data = _data(spec, None, spec.test_languages, old2new)
-        row = Store(study_dir).row(spec.teacher_key, "teachers")
+        row = Store(study_dir).row(spec.teacher_key, "teachers") or dict(dev_f1=None, best_step=0, wall_time=0.0, curve=None,
+                                                                         resumed_from=0)   # an own teacher: not trained here
         return dict(dev_f1=row["dev_f1"], test_f1_by_language=score(teacher, "test"), best_step=row["best_step"],
                     wall_time=row["wall_time"], curve=json.loads(row["curve"] or "[]"), resumed_from=row["resumed_from"],
                     **_sizes(teacher))
