@@ -453,7 +453,8 @@ def evaluate_by_language(model:nn.Module, # a trained classification/NER model
                          *, task:str, # `classification` or `ner`
                          label_names:list, # label names, index = label id
                          tokenizer, # the tokenizer `dataset` was built with
-                         batch_size:int=64 # evaluation batch size
+                         batch_size:int=64, # evaluation batch size
+                         predictions_file=None, # also write the per-example gold and predicted labels here (`kdnb.stats`)
                         )->dict:
     "F1 (fraction) per language of `dataset`, plus their `mean`."
     auto_class(task)
@@ -465,4 +466,7 @@ def evaluate_by_language(model:nn.Module, # a trained classification/NER model
                                  label_names=["labels"])
         pred = Trainer(model, args=args, data_collator=collator(tokenizer, task),
                        processing_class=tokenizer).predict(_model_columns(dataset))
+    if predictions_file is not None:
+        from kdnb.stats import write_predictions
+        write_predictions(predictions_file, pred.predictions, pred.label_ids, list(dataset["language"]), task, label_names)
     return scores_by_language(pred.predictions, pred.label_ids, list(dataset["language"]), task, label_names)
