@@ -15,8 +15,8 @@ import seaborn as sns
 __all__ = ['PAPER_MODELS', 'PAPER_DATASETS', 'INIT_ORDER', 'KD_LABELS', 'DATASET_ANALOGUES', 'KEYS', 'DONE', 'TABLE_LAYOUT',
            'paper_dir', 'paper_results', 'paper_table', 'normalize', 'summarize', 'fake_results', 'layout', 'style',
            'to_markdown', 'select', 'baselines', 'compare_with_paper', 'curves', 'claims', 'plot_bars', 'plot_vs_paper',
-           'plot_subsets', 'plot_convergence', 'table', 'verdicts', 'convergence_table', 'study_path', 'load_results',
-           'run_section', 'save_outputs']
+           'plot_subsets', 'plot_convergence', 'table', 'table_pm', 'verdicts', 'convergence_table', 'study_path',
+           'load_results', 'run_section', 'save_outputs']
 
 # %% ../nbs/08_report.ipynb #ca7686c4
 PAPER_MODELS = {"xlm-roberta-base": "XLM-R", "mdeberta-v3-base": "mDeBERTa"} # paper model -> display name
@@ -531,6 +531,20 @@ def table(df:pd.DataFrame, # results-shaped frame: ours or `paper_results()`
         d = d[d[k].map(lambda x: any(x is y or x == y for y in vals))]
     return layout(d, **{**TABLE_LAYOUT[n], **kwargs})
 
+# %% ../nbs/08_report.ipynb #24e309b3
+def table_pm(df:pd.DataFrame, # results-shaped frame, one row per seed
+             n:int, # the paper's table number, 2-9
+             digits:int=2, # decimals shown
+             **kwargs, # override `layout` arguments (rows, cols)
+            ) -> pd.DataFrame:
+    "The paper's Table `n` for `df` with `mean ± std` over seeds in each cell (text)."
+    s = summarize(df)
+    mean = table(s, n, **kwargs)
+    sd = table(s, n, value="test_f1_std", **{**kwargs, "avg": False}).reindex(index=mean.index, columns=mean.columns)
+    f = lambda m, e: "–" if pd.isna(m) else f"{m:.{digits}f}" + ("" if pd.isna(e) else f" ± {e:.{digits}f}")
+    return pd.DataFrame([[f(m, e) for m, e in zip(mr, er)] for mr, er in zip(mean.to_numpy(), sd.to_numpy())],
+                        index=mean.index, columns=mean.columns)
+
 # %% ../nbs/08_report.ipynb #72e97022
 def verdicts(cl:pd.DataFrame, # output of `claims`
              section:str|None=None, # keep only this section's claims
@@ -545,7 +559,7 @@ def verdicts(cl:pd.DataFrame, # output of `claims`
             + ("" if pd.isna(r.ci_low) else f", 95% CI [{r.ci_low:+.2f}, {r.ci_high:+.2f}]")
             + f", {r.n_seeds} seed(s), {r.method}; ")
         pap = getattr(r, "paper_verdict", None)
-        pap = f" *(the paper's tables: {pap}{': ' + r.paper_evidence if getattr(r, 'paper_evidence', '') else ''})*" if pap else ""
+        pap = f" *(paper: {pap}{': ' + r.paper_evidence if getattr(r, 'paper_evidence', '') else ''})*" if pap else ""
         lines.append(f"- {mark.get(r.verdict, '?')} **{r.claim}** ({r.verdict}): {diff}{r.evidence}{pap}\n"
                      f"  > §{r.section}: “{r.quote}” (scope: {r.scope}; test: {r.test})")
     return "\n".join(lines)
