@@ -142,7 +142,7 @@ def batch_arguments(p:argparse.ArgumentParser, # the `batch` subcommand's parser
     p.add_argument("--notebooks-dir", default=None, help="folder of the analysis notebooks (default: nbs/analysis)")
     p.add_argument("--kernel", default=None, help="jupyter kernel name (default: the notebooks' python3)")
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                   help="precision of every training: auto (bf16 on CUDA GPUs, else fp32), on (bf16 autocast, also on "
+                   help="precision of every training: auto (fp32 as in the paper, unless KDNB_BF16 says otherwise), on (bf16 autocast, also on "
                         "CPUs; fast with AMX/AVX512-BF16), off (fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -847,6 +847,9 @@ def _train_teacher(tspec:Spec, out:Path, progress:bool=True)->dict:
     return dict(dev_f1=r.best_dev_f1, best_step=r.best_step, wall_time=r.wall_time, curve=_curve(r.log_history),
                 resumed_from=resumed, **_sizes(r.model))
 
+# %% ../nbs/07_experiment.ipynb #934bba04
+from .stats import PREDICTIONS   # each run's per-example test predictions, `runs/<spec_id>/predictions.jsonl.gz`
+
 # %% ../nbs/07_experiment.ipynb #84e2d8c0
 def run_spec(spec:Spec, # the experiment
              study_dir:str|Path, # the study folder (teachers, runs, vocabularies)
@@ -870,7 +873,8 @@ def _run_spec(spec, study_dir, progress):
     src_init = spec.copy_from if spec.init == "copy-only" else spec.init
     if src_init == "from-base" or teacher is None: base = _base_model(spec, study_dir)
     old2new = vocab_map(teacher if teacher is not None else base)
-    score = lambda m, split: evaluate_by_language(m, data[split], task=task, label_names=labels, tokenizer=tok)
+    score = lambda m, split: evaluate_by_language(m, data[split], task=task, label_names=labels, tokenizer=tok,
+                                                  predictions_file=run_dir(spec, study_dir)/PREDICTIONS if split == "test" else None)
     if spec.init == "teacher":
         data = _data(spec, None, spec.test_languages, old2new)
         row = Store(study_dir).row(spec.teacher_key, "teachers") or dict(dev_f1=None, best_step=0, wall_time=0.0, curve=None,

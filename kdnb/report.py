@@ -15,8 +15,8 @@ import seaborn as sns
 __all__ = ['PAPER_MODELS', 'PAPER_DATASETS', 'INIT_ORDER', 'KD_LABELS', 'DATASET_ANALOGUES', 'KEYS', 'DONE', 'TABLE_LAYOUT',
            'paper_dir', 'paper_results', 'paper_table', 'normalize', 'summarize', 'fake_results', 'layout', 'style',
            'to_markdown', 'select', 'baselines', 'compare_with_paper', 'curves', 'claims', 'plot_bars', 'plot_vs_paper',
-           'plot_subsets', 'plot_convergence', 'table', 'verdicts', 'convergence_table', 'study_path', 'load_results',
-           'run_section', 'save_outputs']
+           'plot_subsets', 'plot_convergence', 'table', 'table_pm', 'verdicts', 'convergence_table', 'study_path',
+           'load_results', 'run_section', 'save_outputs']
 
 # %% ../nbs/08_report.ipynb #ca7686c4
 PAPER_MODELS = {"xlm-roberta-base": "XLM-R", "mdeberta-v3-base": "mDeBERTa"} # paper model -> display name
@@ -307,7 +307,10 @@ def select(df:pd.DataFrame, # results-shaped frame (normalized here)
     elif section == "5.1":
         m = full & (d.test_languages == "all") & (d.init.isin(["copy-only", "baseline"]) |
             ((d.init == "from-teacher") & (d.kd == True) & (d.width == "full") & alllang))
-    else: m = alllang & (d.width == "full") & (d.kd == True) & d.init.isin(INIT_ORDER[1:4])
+    else:  # Figures 2 and 3: the (model, dataset) pairs run over data subsets (massive in the paper), not every 4.1 run
+        m = alllang & (d.width == "full") & (d.kd == True) & d.init.isin(INIT_ORDER[1:4])
+        runs = set(zip(d.model[m & (d.subset < 1)], d.dataset[m & (d.subset < 1)]))
+        m &= np.array([k in runs for k in zip(d.model, d.dataset)], bool)
     return d[m].reset_index(drop=True)
 
 # %% ../nbs/08_report.ipynb #be2f8b80
@@ -397,67 +400,6 @@ def compare_with_paper(results:pd.DataFrame, # our results (per seed or summariz
     return out.sort_values(["section", "table"], na_position="last", kind="stable").reset_index(drop=True)
 
 # %% ../nbs/08_report.ipynb #be92b7a5
-def _pairs(s, a, b, on="init", match=None, where=None):
-    "Matched pairs of scores where `on` is `a` vs `b`, the other keys equal."
-    d = s if where is None else s[where(s)]
-    match = match or [k for k in KEYS if k not in (on, "kd")] + ["_kd"]
-    match = [m for m in match if m != on] if on != "kd" else [m for m in match if m != "_kd"]
-    d = d.assign(_kd=d.kd.map(lambda k: KD_LABELS[k]))
-    col = "_kd" if on == "kd" else on
-    l = d[d[col] == a][match + ["test_f1"]]
-    r = d[d[col] == b][match + ["test_f1"]]
-    return l.merge(r, on=match, suffixes=("_a", "_b"))
-
-def _pairwise(s, a, b, on="init", where=None, tol=None, match=None):
-    p = _pairs(s, a, b, on, match, where)
-    if p.empty: return None
-    d = (p.test_f1_a - p.test_f1_b) * 100
-    ok = bool(d.mean() >= -tol) if tol is not None else bool(d.mean() > 0)
-    return dict(ok=ok, stat=d.mean(), n=len(d),
-                evidence=f"mean {a} - {b}: {d.mean():+.2f} pts; {int((d > 0).sum())}/{len(d)} pairs favour {a}")
-
-def _collapse(s, baseline):
-    u = s[(s.test_languages == "unseen") & (s.subset >= 1)]
-    p = _pairs(u, "from-teacher", "from-scratch")
-    if p.empty or baseline is None or baseline.empty: return None
-    b = baseline.groupby("dataset").test_f1.mean()
-    p = p[p.dataset.isin(b.index)]
-    if p.empty: return None
-    base = p.dataset.map(b)
-    to_base, to_copy = ((p.test_f1_b - base) * 100).abs(), (p.test_f1_a - p.test_f1_b) * 100
-    return dict(ok=bool(to_base.mean() < to_copy.mean()), stat=to_base.mean() - to_copy.mean(), n=len(p),
-                evidence=f"from-scratch is {to_base.mean():.2f} pts from the baseline, from-teacher {to_copy.mean():+.2f} pts "
-                         f"above from-scratch (mean of {len(p)} pairs)")
-
-def _gaps(s):
-    "from-teacher minus the best other init (KD students, full width, all languages), per (model, dataset) and subset."
-    d = s[(s.width == "full") & (s.train_languages == "all") & (s.test_languages == "all") & (s.kd == True)
-          & s.init.isin(INIT_ORDER[1:4])]
-    if d.empty or "from-teacher" not in set(d.init) or d.init.nunique() < 2: return None
-    m = d.groupby(["model", "dataset", "subset", "init"], dropna=False).test_f1.mean().unstack()
-    if "from-teacher" not in m or m.shape[1] < 2: return None
-    g = ((m["from-teacher"] - m.drop(columns="from-teacher").max(axis=1)) * 100).dropna()
-    g = g[g.groupby(level=["model", "dataset"]).transform("size") >= 2]  # a curve needs two subset sizes
-    return g if len(g) else None
-
-def _fmt_gaps(g):
-    return "; ".join(f"{ds}: " + ", ".join(f"{sub:g} {v:+.2f}" for (_, _, sub), v in grp.items())
-                     for (_, ds), grp in g.groupby(level=["model", "dataset"]))
-
-def _best_every_subset(s):
-    g = _gaps(s)
-    if g is None: return None
-    return dict(ok=bool((g >= 0).all()), stat=g.min(), n=len(g),
-                evidence="from-teacher minus the best other init, by subset: " + _fmt_gaps(g))
-
-def _gap_shrinks(s):
-    g = _gaps(s)
-    if g is None: return None
-    per = g.groupby(level=["model", "dataset"]).apply(lambda x: x.iloc[0] - x.iloc[-1])  # smallest minus full subset
-    return dict(ok=bool(per.mean() > 0), stat=per.mean(), n=len(per),
-                evidence="gap at the smallest minus the largest subset: " +
-                         ", ".join(f"{ds}: {v:+.2f} pts" for (_, ds), v in per.items()))
-
 def curves(df:pd.DataFrame, # our results (one row per seed), with the `curve` column
            key:str="loss", # the logged quantity to keep (`loss` or a KD term: att, hid, embd, pred, clf)
           ) -> pd.DataFrame:
@@ -474,101 +416,15 @@ def curves(df:pd.DataFrame, # our results (one row per seed), with the `curve` c
     out = pd.DataFrame(rows, columns=[*KEYS, "seed", "step", "value"])
     return out.rename(columns={"value": key})
 
-def _convergence(df):
-    if "curve" not in df or "seed" not in df: return None
-    c = curves(select(df, "5.3"))
-    if c.empty or c.init.nunique() < 2 or "from-teacher" not in set(c.init): return None
-    res = []
-    for (ds, sub), g in c.groupby(["dataset", "subset"]):
-        last = g.groupby("init").step.max().min()  # steps every init reached
-        auc = g[g.step <= last].groupby("init").loss.mean()
-        if "from-teacher" in auc and len(auc) > 1: res.append((ds, sub, auc.idxmin() == "from-teacher", auc))
-    if not res: return None
-    ok = [r[2] for r in res]
-    return dict(ok=bool(all(ok)), stat=float(np.mean(ok)), n=len(res),
-                evidence="lowest mean training loss: " +
-                         "; ".join(f"{ds} {sub:g}: {a.idxmin()} ({a.min():.3f})" for ds, sub, _, a in res))
-
-def claims(results:pd.DataFrame, # our results (per seed or summarized); may include baseline rows
+def claims(results:pd.DataFrame, # our results, one row per seed (`load_results`); may include baseline rows
            baseline:pd.DataFrame|None=None, # baseline rows (`baselines(...)`); else taken from `results`
-           tol:float=0.5, # points from-teacher may trail from-base and still count as ">="
-           compare_paper:bool=True, # also evaluate each claim on the paper's numbers
+           compare_paper:bool=True, # also judge each claim on the paper's own tables (point numbers)
+           **kwargs, # `kdnb.claims.claims` options: margin, n_boot, study_dir
           ) -> pd.DataFrame:
-    "The paper's claims, each with whether `results` supports it (True/False/'not run') and the numbers behind it."
-    s = summarize(results)
-    if baseline is not None: s = pd.concat([s, summarize(baseline)], ignore_index=True)
-    full = lambda d: (d.subset >= 1)
-    alllang = lambda d: full(d) & (d.train_languages == "all") & (d.test_languages == "all")
-    unseen = lambda d: full(d) & (d.test_languages == "unseen")
-    students = lambda d: d.init.isin(INIT_ORDER[1:4])
-    # each test: f(summary, baselines, raw results or None) -> dict(ok, stat, n, evidence) or None (not run)
-    specs = [
-        ("4.1", "from-teacher > from-scratch (all languages)",
-         lambda s, b, r: _pairwise(s, "from-teacher", "from-scratch", where=alllang)),
-        ("4.1", "from-teacher >= from-base (all languages)",
-         lambda s, b, r: _pairwise(s, "from-teacher", "from-base", where=alllang, tol=tol)),
-        ("4.1", "from-base > from-scratch (all languages)",
-         lambda s, b, r: _pairwise(s, "from-base", "from-scratch", where=alllang)),
-        ("4.1", "KD helps on average (all languages)",
-         lambda s, b, r: _pairwise(s, "KD", "no KD", on="kd", where=lambda d: alllang(d) & students(d))),
-        ("4.1", "initialization matters more than KD", lambda s, b, r: _init_vs_kd(s, alllang)),
-        ("4.1", "halving the hidden size hurts from-teacher (KD)",
-         lambda s, b, r: _pairwise(s, "full", "half", on="width",
-                                   where=lambda d: alllang(d) & (d.init == "from-teacher") & (d.kd == True))),
-        ("4.2", "weight copy transfers to unseen languages: from-teacher > from-scratch",
-         lambda s, b, r: _pairwise(s, "from-teacher", "from-scratch", where=lambda d: unseen(d) & (d.teacher_languages == "seen"))),
-        ("4.2", "from-scratch collapses to near the baseline on unseen languages", lambda s, b, r: _collapse(s, b)),
-        ("4.2", "an English-trained from-teacher student still transfers (> from-scratch)",
-         lambda s, b, r: _pairwise(s, "from-teacher", "from-scratch",
-                                   where=lambda d: unseen(d) & (d.train_languages == "english") & (d.teacher_languages == "seen"))),
-        ("4.3", "with an English-only teacher, from-teacher > from-scratch on unseen languages",
-         lambda s, b, r: _pairwise(s, "from-teacher", "from-scratch", where=lambda d: unseen(d) & (d.teacher_languages == "english"))),
-        ("5.1", "copy-only (no fine-tuning) beats the baseline", lambda s, b, r: _copy_vs(s, b, "baseline")),
-        ("5.1", "fine-tuning is still needed: from-teacher + KD > copy-only", lambda s, b, r: _copy_vs(s, b, "finetuned")),
-        ("5.2", "from-teacher is best at every subset size", lambda s, b, r: _best_every_subset(s)),
-        ("5.2", "the from-teacher advantage shrinks as data grows", lambda s, b, r: _gap_shrinks(s)),
-        ("5.3", "from-teacher converges fastest (lowest training loss)", lambda s, b, r: None if r is None else _convergence(r)),
-    ]
-    def verdict(r, prefix=""):
-        return {f"{prefix}supported": "not run" if r is None else r["ok"], f"{prefix}statistic": np.nan if r is None else r["stat"],
-                **({} if prefix else {"n": 0 if r is None else r["n"]}), f"{prefix}evidence": "" if r is None else r["evidence"]}
-    pap = summarize(paper_results()) if compare_paper else None
-    rows = []
-    for sec, text, fn in specs:
-        row = dict(section=sec, claim=text, **verdict(fn(s, s[s.init == "baseline"], results)))
-        if compare_paper:  # the paper's own tables (Figures 2 and 3 are plots: no numbers to test)
-            row.update(verdict(None if sec in ("5.2", "5.3") else fn(pap, pap[pap.init == "baseline"], None), "paper_"))
-            if sec in ("5.2", "5.3"): row["paper_supported"] = "figure only"
-        rows.append(row)
-    out = pd.DataFrame(rows)
-    for c in ("supported", "paper_supported"):
-        if c in out: out[c] = out[c].astype(object)
-    return out
+    "The paper's claims, quoted, each with the difference it rests on, its 95% paired-bootstrap interval and a verdict."
+    from kdnb.claims import claims as _claims   # kdnb.claims builds on this module
+    return _claims(results, baseline, compare_paper=compare_paper, **kwargs)
 
-def _init_vs_kd(s, where):
-    i = _pairwise(s, "from-teacher", "from-scratch", where=where)
-    k = _pairwise(s, "KD", "no KD", on="kd", where=lambda d: where(d) & d.init.isin(INIT_ORDER[1:4]))
-    if i is None or k is None: return None
-    return dict(ok=bool(i["stat"] > k["stat"]), stat=i["stat"] - k["stat"], n=i["n"] + k["n"],
-                evidence=f"weight copy gains {i['stat']:+.2f} pts (from-teacher - from-scratch), KD gains {k['stat']:+.2f} pts")
-
-def _copy_vs(s, base, what):
-    c = s[(s.init == "copy-only") & (s.test_languages == "all")]
-    if c.empty: return None
-    if what == "baseline":
-        if base is None or base.empty: return None
-        b = base[base.test_languages == "all"].groupby("dataset").test_f1.mean()
-        m = c.assign(other=c.dataset.map(b)).dropna(subset=["other"])
-    else:
-        f = s[(s.init == "from-teacher") & (s.kd == True) & (s.width == "full") & (s.train_languages == "all")
-              & (s.test_languages == "all") & (s.subset >= 1)]
-        m = c.merge(f[["model", "dataset", "test_f1"]], on=["model", "dataset"], suffixes=("", "_o"))
-        m = m.rename(columns={"test_f1_o": "other"})
-    if m.empty: return None
-    d = (m.test_f1 - m.other) * 100 if what == "baseline" else (m.other - m.test_f1) * 100
-    lab = "copy-only - baseline" if what == "baseline" else "fine-tuned - copy-only"
-    per = ", ".join(f"{ds}: {v:+.2f}" for ds, v in zip(m.dataset, d))
-    return dict(ok=bool(d.mean() > 0), stat=d.mean(), n=len(d), evidence=f"{lab} ({per}); mean {d.mean():+.2f} pts")
 
 # %% ../nbs/08_report.ipynb #4adcbfe5
 def _pct(s): return s.assign(f1=s.test_f1 * 100, init_kd=s.init + s.kd.map(lambda k: "" if k is None else (" + KD" if k else "")))
@@ -675,20 +531,37 @@ def table(df:pd.DataFrame, # results-shaped frame: ours or `paper_results()`
         d = d[d[k].map(lambda x: any(x is y or x == y for y in vals))]
     return layout(d, **{**TABLE_LAYOUT[n], **kwargs})
 
+# %% ../nbs/08_report.ipynb #24e309b3
+def table_pm(df:pd.DataFrame, # results-shaped frame, one row per seed
+             n:int, # the paper's table number, 2-9
+             digits:int=2, # decimals shown
+             **kwargs, # override `layout` arguments (rows, cols)
+            ) -> pd.DataFrame:
+    "The paper's Table `n` for `df` with `mean ± std` over seeds in each cell (text)."
+    s = summarize(df)
+    mean = table(s, n, **kwargs)
+    sd = table(s, n, value="test_f1_std", **{**kwargs, "avg": False}).reindex(index=mean.index, columns=mean.columns)
+    f = lambda m, e: "–" if pd.isna(m) else f"{m:.{digits}f}" + ("" if pd.isna(e) else f" ± {e:.{digits}f}")
+    return pd.DataFrame([[f(m, e) for m, e in zip(mr, er)] for mr, er in zip(mean.to_numpy(), sd.to_numpy())],
+                        index=mean.index, columns=mean.columns)
+
 # %% ../nbs/08_report.ipynb #72e97022
 def verdicts(cl:pd.DataFrame, # output of `claims`
              section:str|None=None, # keep only this section's claims
             ) -> str:
-    "The claims of `section` as a markdown list: ✓/✗/– , the claim, and the numbers behind it."
+    "The claims of `section` as a markdown list: verdict, difference with its 95% interval, evidence and the paper's sentence."
     d = cl if section is None else cl[cl.section == section]
-    mark = lambda v: "–" if isinstance(v, str) else ("✓" if v else "✗")
+    mark = {"supported": "✓", "contradicted": "✗", "inconclusive": "?", "not run": "–"}
     lines = []
     for r in d.itertuples():
-        ev = r.evidence or "the study has no runs for this claim"
-        pap = getattr(r, "paper_evidence", "")
-        word = "not run" if isinstance(r.supported, str) else "supported" if r.supported else "not supported"
-        lines.append(f"- {mark(r.supported)} **{r.claim}** ({word}): {ev}"
-                     + (f" *(paper: {pap})*" if pap else ""))
+        diff = "" if pd.isna(r.difference) else (
+            f"difference {r.difference:+.2f} (threshold {r.threshold:g})"
+            + ("" if pd.isna(r.ci_low) else f", 95% CI [{r.ci_low:+.2f}, {r.ci_high:+.2f}]")
+            + f", {r.n_seeds} seed(s), {r.method}; ")
+        pap = getattr(r, "paper_verdict", None)
+        pap = f" *(paper: {pap}{': ' + r.paper_evidence if getattr(r, 'paper_evidence', '') else ''})*" if pap else ""
+        lines.append(f"- {mark.get(r.verdict, '?')} **{r.claim}** ({r.verdict}): {diff}{r.evidence}{pap}\n"
+                     f"  > §{r.section}: “{r.quote}” (scope: {r.scope}; test: {r.test})")
     return "\n".join(lines)
 
 def convergence_table(df:pd.DataFrame, # our results (per seed) with the `curve` column
@@ -725,6 +598,8 @@ def load_results(study_dir, # a study folder (holding the results store)
     if not study_dir.exists():
         raise FileNotFoundError(f"No study folder {study_dir}: run a section notebook first or check the path.")
     df = results(study_dir)
+    from kdnb.stats import PREDICTIONS   # each run's per-example test predictions, for the claims' intervals
+    df["predictions"] = [str(p) if (p := study_dir/"runs"/str(s)/PREDICTIONS).exists() else None for s in df.spec_id]
     b = study_dir/"baselines.csv"
     if with_baselines and b.exists():
         bl = pd.read_csv(b)

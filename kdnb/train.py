@@ -40,7 +40,7 @@ class TrainSettings:
     max_length:int=128 # tokenizer truncation length, for callers that tokenize
     max_steps:int=-1 # stop after this many steps; -1 trains for `epochs`
     save_total_limit:int=2 # checkpoints kept on disk (the best one is always kept)
-    bf16:str|bool="auto" # "auto": KDNB_BF16 (on/off) if set, else bf16 on CUDA when supported; True works on CPU; never fp16
+    bf16:str|bool="auto" # "auto": KDNB_BF16 (on/off) if set, else fp32 (the paper's default); True works on CPU; never fp16
     num_workers:int=0 # dataloader worker processes
     gradient_accumulation_steps:int=1 # micro-batches per optimizer step
 
@@ -95,13 +95,13 @@ _ENV_BF16 = {"1": True, "on": True, "true": True, "0": False, "off": False, "fal
 
 def resolve_bf16(flag:str|bool="auto" # "auto", True or False
                 )->bool:
-    "Whether to train in bf16. `auto`: as `KDNB_BF16` says (on/off), else when CUDA is present and supports bf16."
+    "Whether to train in bf16. `auto`: as `KDNB_BF16` says (on/off), else False: fp32, transformers' default and the paper's."
     if flag != "auto": return bool(flag)
     env = os.environ.get(BF16_ENV, "auto").strip().lower()
     if env in _ENV_BF16: return _ENV_BF16[env]
     if env not in ("auto", ""):
         raise ValueError(f"{BF16_ENV}={os.environ[BF16_ENV]!r} is not understood; use on, off or auto (or unset it).")
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return False
 
 def training_arguments(settings:TrainSettings|str|dict|None, # see `as_settings`
                        output_dir:str|Path, # where the Trainer writes checkpoints
@@ -453,7 +453,8 @@ def evaluate_by_language(model:nn.Module, # a trained classification/NER model
                          *, task:str, # `classification` or `ner`
                          label_names:list, # label names, index = label id
                          tokenizer, # the tokenizer `dataset` was built with
-                         batch_size:int=64 # evaluation batch size
+                         batch_size:int=64, # evaluation batch size
+                         predictions_file=None, # also write the per-example gold and predicted labels here (`kdnb.stats`)
                         )->dict:
     "F1 (fraction) per language of `dataset`, plus their `mean`."
     auto_class(task)
@@ -465,4 +466,7 @@ def evaluate_by_language(model:nn.Module, # a trained classification/NER model
                                  label_names=["labels"])
         pred = Trainer(model, args=args, data_collator=collator(tokenizer, task),
                        processing_class=tokenizer).predict(_model_columns(dataset))
+    if predictions_file is not None:
+        from kdnb.stats import write_predictions
+        write_predictions(predictions_file, pred.predictions, pred.label_ids, list(dataset["language"]), task, label_names)
     return scores_by_language(pred.predictions, pred.label_ids, list(dataset["language"]), task, label_names)

@@ -60,6 +60,11 @@ def test_tiny_grid_end_to_end(tmp_path, base):
     assert len(curves(tmp_path)) > 0
     assert all((run_dir(s, tmp_path)/"best"/"config.json").exists() for s in specs if s.init in INITS)
     assert not any((run_dir(s, tmp_path)/"checkpoints").exists() for s in specs)
+    from kdnb.stats import PREDICTIONS, read_predictions, replicates
+    for s, f1 in zip(specs, df.test_f1):   # every run keeps its per-example test predictions, and they give its test F1
+        p = read_predictions(run_dir(s, tmp_path)/PREDICTIONS)
+        assert set(p.language) == langs and len(p) > 0
+        assert abs(replicates(p, "classification", n_boot=10)[0] - f1) < 1e-9
     # the students' best folders load without kdnb
     from transformers import AutoModelForSequenceClassification
     AutoModelForSequenceClassification.from_pretrained(run_dir(specs[2], tmp_path)/"best")
