@@ -223,3 +223,17 @@ def test_three_layers_on_a_twelve_layer_teacher_is_valid():
     assert check_student(spec).kdnb_teacher_layers == [3, 7, 11]
     with pytest.raises(SpecError, match=r"Spec\.layers=5 is invalid for model 'embedded' \(12 layers"):
         check_ready(Spec(model="embedded", dataset="demo-intent", layers=5))
+
+
+def test_checked_shape_is_the_shape_the_runner_builds(tmp_path):
+    "check_student mirrors run_spec's layers/hidden defaults (kdnb.checks.student_shape): pinned on copy-only runs."
+    import torch
+    from kdnb.checks import check_student
+    from kdnb.experiment import run_spec
+    torch.set_num_threads(1)
+    for kw in (dict(), dict(hidden="half", layers=1), dict(layers=3, layer_map=(0, 2, 3))):
+        spec = Spec(**{**TINY, **kw}, init="copy-only", copy_from="from-base", train_languages=("en",),
+                    test_languages=("en",), eval_subset=4, trim=True)
+        want = check_student(spec)
+        got = run_spec(spec, tmp_path, progress=False)
+        assert (got["student_layers"], got["student_hidden"]) == (want.num_hidden_layers, want.hidden_size), kw
