@@ -432,7 +432,7 @@ def hold(self:Store, key:str, table:str="runs"):
     stop = threading.Event()
     def beat():
         while not stop.wait(max(self.lease / 3, 0.05)):
-            with contextlib.suppress(sqlite3.Error), self.transaction() as con:
+            with contextlib.suppress(sqlite3.Error, StoreError), self.transaction() as con:
                 con.execute(f"UPDATE {table} SET lease_until=? WHERE {_KEYS[table]}=? AND owner=? AND status='running'",
                             (time.time() + self.lease, key, _owner()))
     t = threading.Thread(target=beat, daemon=True, name=f"kdnb-lease-{key}")

@@ -47,9 +47,13 @@ def _damage(e:sqlite3.DatabaseError)->str|None:
 @contextmanager
 def store_errors(path:str|Path # the store file the block reads or writes
                 ):
-    "Turn SQLite's errors about a damaged file, raised inside the block, into one `StoreError` naming `path`."
+    "Turn SQLite's errors about a damaged or read-only file, raised inside the block, into one `StoreError` naming `path`."
     try: yield
     except sqlite3.DatabaseError as e:
+        if (getattr(e, "sqlite_errorname", "") or "").startswith("SQLITE_READONLY"):
+            raise StoreError(f"The results store {path} cannot be written (SQLite says {str(e)!r}): the study folder or "
+                             "the file is read-only. Reading needs no write access (results(), kdnb list); to run more "
+                             "specs, copy the study to a folder you can write.") from None
         if (why := _damage(e)) is None: raise
         raise store_damaged(path, why) from None
 

@@ -125,6 +125,27 @@ def test_read_only_study_keeps_rows_in_a_leftover_wal(public_dir):
     assert _snapshot(study) == before
 
 
+WRITER = """
+import sys
+from kdnb.experiment import Spec, run_grid, StoreError
+try: run_grid([Spec(model="tiny-xlmr", seed=5)], sys.argv[1], runner=lambda *a, **k: {}, progress=False)
+except StoreError as e: print(e); sys.exit(3)
+"""
+
+
+def test_running_into_a_read_only_study_says_so(public_dir):
+    study = public_dir/"study"
+    run_grid(specs(1), study, runner=fake_runner, progress=False)
+    _chmod_tree(study, False)
+    before = _snapshot(study)
+    script = public_dir/"writer.py"; script.write_text(WRITER); script.chmod(0o644)
+    r = subprocess.run(_reader_prefix() + [sys.executable, str(script), str(study)], env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 3, r.stdout + r.stderr[-3000:]
+    assert r.stdout.startswith(f"The results store {study/'results.sqlite'} cannot be written") and "read-only" in r.stdout
+    assert _snapshot(study) == before
+
+
 def test_reader_leaves_a_rollback_journal_store_unchanged(tmp_path):
     "A store kept in rollback-journal mode (as some archiving tools leave it) is read without being switched to WAL."
     run_grid(specs(2), tmp_path, runner=fake_runner, progress=False)
