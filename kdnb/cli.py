@@ -109,6 +109,8 @@ def _list(args):
     return 0
 
 # %% ../nbs/10_cli.ipynb #9e55cba3
+from .integrity import StoreError
+
 def _load_plugins():
     for m in PLUGINS:
         try: importlib.import_module(m)
@@ -124,4 +126,4 @@ def main(argv:list|None=None, # arguments (default: `sys.argv[1:]`)
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()); return 0
     except GridFailed as e: print(f"kdnb {args.command}: {e}", file=sys.stderr); return 1
-    except (SpecError, FileNotFoundError, ValueError) as e: print(f"kdnb {args.command}: error: {e}", file=sys.stderr); return 2
+    except (SpecError, FileNotFoundError, ValueError, StoreError) as e: print(f"kdnb {args.command}: error: {e}", file=sys.stderr); return 2

@@ -330,6 +330,9 @@ def _pid_alive(pid:int, start:str="")->bool:
 
 def _owner()->str: return f"{_host()}:{os.getpid()}:{_proc_start(os.getpid())}"
 
+# %% ../nbs/07_experiment.ipynb #5e0c7a11
+from .integrity import StoreError, store_errors, check_store_file, read_connection, model_problem, quarantine
+
 # %% ../nbs/07_experiment.ipynb #a533b387
 def _use_wal(con:sqlite3.Connection, wait:float=60.):
     "Switch `con`'s database to WAL, retrying for `wait` s: SQLite says 'locked' at once, without its busy wait, while another connection writes."
@@ -342,6 +345,12 @@ def _use_wal(con:sqlite3.Connection, wait:float=60.):
             if "locked" not in str(e) or time.monotonic() > deadline: raise
             time.sleep(0.05)
 
+def _empty_store()->sqlite3.Connection:
+    "An in-memory store with the schema: what a reader sees in a brand-new study's empty (0-byte) store."
+    con = sqlite3.connect(":memory:", isolation_level=None)
+    for sql in _SCHEMA: con.execute(sql)
+    return con
+
 def store_file(path:str|Path # a study folder, or the path of a `.sqlite`/`.db` file
               )->Path:
     "The SQLite file of a study: `path` itself when it names one, else `path/results.sqlite`."
@@ -352,26 +361,36 @@ class Store:
     "The SQLite results store of a study folder (`study_dir/results.sqlite`)."
     def __init__(self,
                  path:str|Path, # a study folder, or the path of a `.sqlite` file
-                 lease:float=600.): # seconds a claim lives without a heartbeat (matters across hosts)
+                 lease:float=600., # seconds a claim lives without a heartbeat (matters across hosts)
+                 readonly:bool=False): # only read it: never create, switch to WAL or write (`kdnb.integrity.read_connection`)
         path = Path(path)
         self.path = store_file(path)
+        self.lease, self.readonly = lease, readonly
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"No results store {self.path}: run a grid into {self.path.parent} first.")
+            check_store_file(self.path); return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lease = lease
+        check_store_file(self.path)
         con = self.connect()
         try:
-            _use_wal(con)
-            con.execute("BEGIN IMMEDIATE")
-            for sql in _SCHEMA: con.execute(sql)
-            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
-            con.execute("COMMIT")
+            with store_errors(self.path):
+                _use_wal(con)
+                con.execute("BEGIN IMMEDIATE")
+                for sql in _SCHEMA: con.execute(sql)
+                con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', '1')")
+                con.execute("COMMIT")
         finally: con.close()
 
     def __repr__(self): return f"Store({str(self.path)!r})"
 
     def connect(self)->sqlite3.Connection:
-        "A new connection in autocommit mode (transactions are explicit) with a 60 s busy timeout."
+        "A new connection in autocommit mode (transactions are explicit) with a 60 s busy timeout; read-only for readers."
+        if self.readonly: return read_connection(self.path) if self.path.stat().st_size else _empty_store()
         con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        con.execute("PRAGMA busy_timeout=60000"); con.execute("PRAGMA synchronous=FULL")
+        try:
+            with store_errors(self.path): con.execute("PRAGMA busy_timeout=60000"); con.execute("PRAGMA synchronous=FULL")
+        except BaseException: con.close(); raise
         return con
 
     @contextlib.contextmanager
@@ -379,7 +398,7 @@ class Store:
         "A `BEGIN IMMEDIATE` transaction: commits on success, rolls back on any exception."
         con = self.connect()
         try:
-            con.execute("BEGIN IMMEDIATE")
+            with store_errors(self.path): con.execute("BEGIN IMMEDIATE")
             try: yield con
             except BaseException: con.execute("ROLLBACK"); raise
             con.execute("COMMIT")
@@ -398,7 +417,8 @@ def register(self:Store, specs:Iterable[Spec]):
 def row(self:Store, key:str, table:str="runs")->dict|None:
     "The row of `key` in `table` as a dict (None when absent)."
     con = self.connect(); con.row_factory = sqlite3.Row
-    try: r = con.execute(f"SELECT * FROM {table} WHERE {_KEYS[table]}=?", (key,)).fetchone()
+    try:
+        with store_errors(self.path): r = con.execute(f"SELECT * FROM {table} WHERE {_KEYS[table]}=?", (key,)).fetchone()
     finally: con.close()
     return None if r is None else dict(r)
 
@@ -406,7 +426,8 @@ def row(self:Store, key:str, table:str="runs")->dict|None:
 def rows(self:Store, table:str="runs")->list[dict]:
     "All rows of `table` as dicts, oldest first."
     con = self.connect(); con.row_factory = sqlite3.Row
-    try: return [dict(r) for r in con.execute(f"SELECT * FROM {table} ORDER BY created_at, rowid")]
+    try:
+        with store_errors(self.path): return [dict(r) for r in con.execute(f"SELECT * FROM {table} ORDER BY created_at, rowid")]
     finally: con.close()
 
 @patch
@@ -462,7 +483,7 @@ def hold(self:Store, key:str, table:str="runs"):
     stop = threading.Event()
     def beat():
         while not stop.wait(max(self.lease / 3, 0.05)):
-            with contextlib.suppress(sqlite3.Error), self.transaction() as con:
+            with contextlib.suppress(sqlite3.Error, StoreError), self.transaction() as con:
                 con.execute(f"UPDATE {table} SET lease_until=? WHERE {_KEYS[table]}=? AND owner=? AND status='running'",
                             (time.time() + self.lease, key, _owner()))
     t = threading.Thread(target=beat, daemon=True, name=f"kdnb-lease-{key}")
@@ -498,6 +519,26 @@ def mark_missing(self:Store, key:str):
     with self.transaction() as con:
         con.execute("UPDATE teachers SET status='missing' WHERE teacher_key=? AND status='done'", (key,))
 
+# %% ../nbs/07_experiment.ipynb #6b2d4f81
+_WRITE_TRIES, _WRITE_WAIT = 4, 0.5 # outcome writes are tried 4 times, waiting 0.5, 1 and 2 s in between
+
+def _retry_write(write:Callable):
+    "Call the store write `write()`, retrying when the store cannot be written (disk full, I/O error, a long lock)."
+    for i in range(_WRITE_TRIES):
+        try: return write()
+        except (sqlite3.OperationalError, OSError):
+            if i == _WRITE_TRIES - 1: raise
+            time.sleep(_WRITE_WAIT * 2**i)
+
+def _record_failure(store:Store, key:str, error:str|None, table:str="runs", status:str="failed")->bool:
+    "Leave `key` `status` with `error` (the first error), retrying the write; warn, never raise, if it cannot be written."
+    try: _retry_write(lambda: store.release(key, status, error, table=table)); return True
+    except (sqlite3.OperationalError, OSError) as e:
+        warnings.warn(f"Could not record in {store.path} that {table} row {key} is {status} ({type(e).__name__}: {e}); "
+                      f"it {'failed with: ' + error if error else 'stopped'}. The row stays 'running' until a later run "
+                      "takes its claim over.")
+        return False
+
 # %% ../nbs/07_experiment.ipynb #e9141137
 _TEACHER_FAILURES = {} # (store path, teacher_key) -> error, for the grid running now: its students fail fast
 
@@ -529,9 +570,13 @@ def ensure_teacher(spec:Spec, # any spec that uses a teacher
     while True:
         state = store.claim(key, tspec.to_json(), table="teachers")
         if state == "done":
-            if _model_saved(out/"best"): return out/"best"
-            warnings.warn(f"The cached teacher {key} ({tspec.model} on {tspec.dataset}) has no checkpoint in {out/'best'}; "
-                          "retraining it from scratch.")
+            if _model_saved(out/"best") and (why := model_problem(out/"best")) is None: return out/"best"
+            if _model_saved(out/"best"):
+                moved = quarantine(out, why, warn=False)
+                warnings.warn(f"The cached teacher {key} ({tspec.model} on {tspec.dataset}) fails to load ({why}; set "
+                              f"aside as {moved}); retraining it from scratch.")
+            else: warnings.warn(f"The cached teacher {key} ({tspec.model} on {tspec.dataset}) has no checkpoint in "
+                                f"{out/'best'}; retraining it from scratch.")
             store.mark_missing(key)
             with contextlib.suppress(FileNotFoundError): shutil.rmtree(out)
             continue
@@ -539,14 +584,17 @@ def ensure_teacher(spec:Spec, # any spec that uses a teacher
         break
     with store.hold(key, "teachers"):
         try: values = (trainer or _train_teacher)(tspec, out, progress=progress)
-        except KeyboardInterrupt: store.release(key, "interrupted", table="teachers"); raise
+        except KeyboardInterrupt: _record_failure(store, key, None, "teachers", "interrupted"); raise
         except Exception as e:
             _TEACHER_FAILURES[(str(store.path), key)] = f"{type(e).__name__}: {e}"
-            store.release(key, "failed", f"{type(e).__name__}: {e}", table="teachers"); raise
+            _record_failure(store, key, f"{type(e).__name__}: {e}", "teachers"); raise
     if not _model_saved(out/"best"):
-        store.release(key, "failed", f"teacher training wrote no model to {out/'best'}", table="teachers")
+        _record_failure(store, key, f"teacher training wrote no model to {out/'best'}", "teachers")
         raise RuntimeError(f"Training teacher {key} wrote no model to {out/'best'}.")
-    store.finish(key, {**values, "dir": str(out), "trainings": 1}, table="teachers")
+    try: _retry_write(lambda: store.finish(key, {**values, "dir": str(out), "trainings": 1}, table="teachers"))
+    except (sqlite3.OperationalError, OSError) as e:
+        _record_failure(store, key, f"could not record the trained teacher in {store.path}: {type(e).__name__}: {e}", "teachers")
+        raise
     shutil.rmtree(out/"checkpoints", ignore_errors=True)   # best/ is all students need
     return out/"best"
 
@@ -561,10 +609,10 @@ def _run_one(store:Store, spec:Spec, study_dir, runner, progress, cleanup=None)-
         with store.hold(spec.spec_id):
             out = dict(runner(spec, study_dir, progress=progress) or {})
     except KeyboardInterrupt:
-        store.release(spec.spec_id, "interrupted"); raise
+        _record_failure(store, spec.spec_id, None, status="interrupted"); raise
     except Exception as e:
         msg = f"{type(e).__name__}: {e}"
-        store.release(spec.spec_id, "failed", msg); return msg
+        _record_failure(store, spec.spec_id, msg); return msg
     by_lang = dict(out.get("test_f1_by_language") or {})
     mean = by_lang.pop("mean", None)
     if by_lang: out["test_f1_by_language"] = by_lang
@@ -573,8 +621,11 @@ def _run_one(store:Store, spec:Spec, study_dir, runner, progress, cleanup=None)-
     out.setdefault("teacher_key", spec.teacher_key)
     if unknown := sorted(set(out) - set(_RESULT_COLUMNS)):
         msg = f"the runner returned unknown result fields {unknown}; allowed: {', '.join(_RESULT_COLUMNS)}"
-        store.release(spec.spec_id, "failed", msg); return msg
-    store.finish(spec.spec_id, out)
+        _record_failure(store, spec.spec_id, msg); return msg
+    try: _retry_write(lambda: store.finish(spec.spec_id, out))
+    except (sqlite3.OperationalError, OSError) as e:
+        msg = f"could not record the results in {store.path}: {type(e).__name__}: {e}"
+        _record_failure(store, spec.spec_id, msg); return msg
     if cleanup is not None: cleanup(spec)
     return None
 
@@ -667,7 +718,7 @@ def results(study_dir:str|Path, # the study folder (or its `results.sqlite`)
     p = Path(study_dir)
     if not store_file(p).exists():
         raise FileNotFoundError(f"No results store in {p}: run a grid into this folder first (kdnb run ... --study {p}).")
-    rows = [_result_row(r) for r in Store(p).rows()]
+    rows = [_result_row(r) for r in Store(p, readonly=True).rows()]
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     if status is not None: df = df[df.status == status]
     if spec_ids is not None:
@@ -810,9 +861,9 @@ def _curve(log_history:list)->list:
     return [{k: e[k] for k in _CURVE_KEYS if k in e} for e in log_history if "loss" in e or "eval_f1" in e]
 
 def _ckpt_step(out:Path)->int:
-    "Step of the newest complete checkpoint in `out/checkpoints` (0 when none): where a run resumes."
-    from kdnb.train import last_checkpoint
-    c = last_checkpoint(Path(out)/"checkpoints")
+    "Step of the newest checkpoint in `out/checkpoints` that loads (0 when none): where a run resumes."
+    from kdnb.train import resume_checkpoint
+    c = resume_checkpoint(Path(out)/"checkpoints")
     return 0 if c is None else int(c.name.rsplit("-", 1)[1])
 
 @contextlib.contextmanager

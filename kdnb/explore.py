@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_explore.ipynb #70e5f63a
 from __future__ import annotations
-import json
+import json, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 import matplotlib.pyplot as plt
@@ -53,6 +53,13 @@ class Explorer:
                 ):
         self.loader = loader or load_results
         studies = [str(s) for s in (studies if studies is not None else find_studies(root))]
+        self.skipped, self._frames = {}, {}   # studies that could not be read -> their error; frames read here
+        for s in studies:
+            try: self._frames[s] = self.loader(s)
+            except Exception as e:   # a damaged or unreadable study must not take the others down
+                self.skipped[s] = f"{type(e).__name__}: {e}"
+                warnings.warn(f"Skipping study {s}: it cannot be read ({self.skipped[s]})")
+        studies = [s for s in studies if s not in self.skipped]
         self.study = W.Dropdown(options=studies, description="study", layout=W.Layout(width="420px"))
         self.dataset = W.Dropdown(description="dataset")
         self.model = W.Dropdown(description="model")
@@ -66,13 +73,19 @@ class Explorer:
         self.widget = W.VBox([W.HBox([self.study, self.dataset]), W.HBox([self.model, self.metric, self.rows]),
                               self.status, W.HBox([self.table_out, self.figure_out])])
         if studies: self.on_study()
+        elif self.skipped: self.status.value = f"<b>No readable studies under {root}</b>: {len(self.skipped)} skipped."
         else: self.status.value = f"<b>No studies found under {root}</b>: run a section notebook first."
+        self._frames = {}   # later choices read the study afresh
 
     def on_study(self, change=None):
         "Load the chosen study and refill the dataset and model choices."
         self._loading = True
         try:
-            df = self.loader(self.study.value)
+            s = self.study.value
+            try: df = self._frames[s] if s in self._frames else self.loader(s)
+            except Exception as e:   # damaged since the explorer was built: say so, keep the explorer working
+                warnings.warn(f"Study {s} cannot be read ({type(e).__name__}: {e})")
+                df = pd.DataFrame()
             self.data = normalize(df) if len(df) else df
             ds = _order(self.data.dataset.dropna(), ()) if len(self.data) else []
             self.dataset.options = ds

@@ -23,8 +23,9 @@ from .metrics import compute_metrics, scores_by_language
 
 # %% auto #0
 __all__ = ['PAPER_EVAL_STEPS', 'PRESETS', 'BF16_ENV', 'KD_ATTR', 'MODEL_COLUMNS', 'TrainSettings', 'as_settings', 'resolve_bf16',
-           'training_arguments', 'toy_tokenizer', 'toy_benchmark', 'TrainingDiverged', 'last_checkpoint', 'KdnbTrainer',
-           'DistillationTrainer', 'TrainResult', 'fine_tune', 'distill', 'evaluate_by_language']
+           'training_arguments', 'toy_tokenizer', 'toy_benchmark', 'TrainingDiverged', 'last_checkpoint',
+           'resume_checkpoint', 'KdnbTrainer', 'DistillationTrainer', 'TrainResult', 'fine_tune', 'distill',
+           'evaluate_by_language']
 
 # %% ../nbs/06_train.ipynb #0049092d
 @dataclass
@@ -199,6 +200,20 @@ def _quarantine_bad_checkpoints(ckpt_dir):
         c.rename(c.with_name(f"diverged-{c.name}"))
     return None
 
+# %% ../nbs/06_train.ipynb #2b8d4f66
+import warnings
+from .integrity import model_problem, quarantine
+
+def resume_checkpoint(ckpt_dir:str|Path, # a Trainer output dir (`out_dir/checkpoints`)
+                      quarantine_bad:bool=True, # rename checkpoints that fail to load to `corrupt-checkpoint-N`
+                     )->Path|None:
+    "The newest complete checkpoint in `ckpt_dir` that loads (None when none does); newer broken ones are set aside."
+    for c in reversed(_checkpoints(ckpt_dir)):
+        if (why := model_problem(c)) is None: return c
+        if quarantine_bad: quarantine(c, why)
+        else: warnings.warn(f"{c} fails to load ({why}); skipping it.")
+    return None
+
 # %% ../nbs/06_train.ipynb #0dfdf308
 class KdnbTrainer(Trainer):
     "A `Trainer` that raises `TrainingDiverged` on a NaN/inf loss and stamps each log entry with `wall_time`."
@@ -365,6 +380,7 @@ def _train(trainer_cls, model, data, *, task, label_names, tokenizer, out_dir, s
         if trainer.args.should_save and ckpt_dir.is_dir():  # half-written checkpoints of a killed run
             for c in ckpt_dir.iterdir():
                 if _CKPT.match(c.name) and c.is_dir() and not (c/"trainer_state.json").exists(): shutil.rmtree(c)
+        if resume: last = resume_checkpoint(ckpt_dir, quarantine_bad=trainer.args.should_save)  # one that loads
         kd = None
         try: trainer.train(resume_from_checkpoint=str(last) if last else None)
         finally:  # the student is plain again, whatever happened

@@ -110,6 +110,8 @@ def test_sigkill_resume(tmp_path, base):
 FAKE = """
 import os, time
 from pathlib import Path
+import torch
+from safetensors.torch import save_file
 from kdnb.experiment import ensure_teacher
 LOG = {log!r}
 def log(what):
@@ -117,7 +119,8 @@ def log(what):
 def teacher(tspec, out, progress=False):
     log("teacher-" + tspec.teacher_key); time.sleep(0.5)
     (out/"best").mkdir(parents=True, exist_ok=True)
-    (out/"best"/"config.json").write_text("{{}}"); (out/"best"/"model.safetensors").write_bytes(b"")
+    (out/"best"/"config.json").write_text("{{}}")
+    save_file({{"w": torch.zeros(1)}}, out/"best"/"model.safetensors")   # a loadable (tiny) weights file
     return {{"dev_f1": 0.9}}
 def runner(spec, study_dir, progress=False):
     if spec.uses_teacher: ensure_teacher(spec, study_dir, trainer=teacher, poll=0.05)
