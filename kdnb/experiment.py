@@ -277,11 +277,11 @@ def load_specs(src:str|Path|dict|list, # a JSON file path, or the parsed JSON: a
         if not p.exists(): raise FileNotFoundError(f"Spec file {str(p)!r} does not exist.")
         try: src = json.loads(p.read_text())
         except json.JSONDecodeError as e: raise SpecError(f"{p} is not valid JSON: {e}") from None
-        if isinstance(src, dict) and "datasets" in src: src = _register(src, p.parent)
+        if isinstance(src, dict) and isinstance(src.get("datasets"), dict): src = _register(src, p.parent)
     if isinstance(src, list): return [s for o in src for s in load_specs(o)]
     if isinstance(src, Spec): return [src]
     if not isinstance(src, dict): raise SpecError(f"A spec file holds an object or a list, got {type(src).__name__}.")
-    if "datasets" in src: src = _register(src, Path.cwd())
+    if isinstance(src.get("datasets"), dict): src = _register(src, Path.cwd())   # (a section's `datasets` is a list)
     if "grid" in src:
         fixed = {k: (tuple(v) if isinstance(v, list) else v) for k, v in src.items() if k != "grid"}
         if not isinstance(src["grid"], dict): raise SpecError('"grid" must be an object of axes, e.g. {"init": [...]}.')
@@ -1028,7 +1028,7 @@ def baseline_scores(dataset:str, # a benchmark name
     "Chance-level test F1 of `dataset` per test language plus their `mean`: majority class, or random NER tags."
     from kdnb.data import BENCHMARKS, load_benchmark, stratified_subset
     from kdnb.metrics import majority_baseline, random_ner_baseline
-    Spec(dataset=dataset, train_languages=_langs(train_languages), test_languages=_langs(test_languages))  # validates
+    dataset = Spec(dataset=dataset, train_languages=_langs(train_languages), test_languages=_langs(test_languages)).dataset  # validates (a user file: its key)
     b = BENCHMARKS[dataset]
     test = load_benchmark(dataset, languages=test_languages, data_dir=data_dir)["test"]
     if eval_subset is not None: test = stratified_subset(test, eval_subset, seed=0)

@@ -326,8 +326,10 @@ def baselines(datasets, # benchmark names, e.g. `["tsm"]` or `["demo-intent", "d
     from kdnb.data import BENCHMARKS
     from kdnb.experiment import baseline_scores
     datasets, test_languages = list(datasets), [test_languages] if isinstance(test_languages, str) else list(test_languages)
+    from kdnb.userdata import dataset_key, user_benchmark
+    datasets = [dataset_key(ds) for ds in datasets]   # user data: the key its specs use
     for ds in datasets:
-        if ds not in BENCHMARKS: raise ValueError(f"Unknown dataset {ds!r}; use one of {sorted(BENCHMARKS)}.")
+        if ds not in BENCHMARKS and user_benchmark(ds) is None: raise ValueError(f"Unknown dataset {ds!r}; use one of {sorted(BENCHMARKS)}.")
     cache = Path(cache_dir)/"baselines.csv" if cache_dir else None
     old = pd.read_csv(cache) if cache and cache.exists() else pd.DataFrame(columns=["dataset", "test_languages", "average"])
     rows = []

@@ -97,6 +97,7 @@ def test_own_teacher_skips_teacher_training(tmp_path):
              for i in ("teacher", "from-teacher", "from-scratch")]
     specs.append(Spec(**TINY | {"model": "embedded"}, dataset=csv, teacher=folder, base="tiny-xlmr", init="from-base"))
     assert all(s.model == folder and s.uses_teacher for s in specs)
+    assert all(Spec.from_json(s.to_json()) == s for s in specs) and len({s.spec_id for s in specs}) == 4
     trained = []
     with mock.patch.object(kdnb.experiment, "_train_teacher", side_effect=lambda *a, **k: trained.append(a)), \
          mock.patch.object(kdnb.train, "fine_tune", side_effect=AssertionError("fine_tune called")):
@@ -163,3 +164,29 @@ def test_registered_dataset_in_section_grids(tmp_path):
     assert select_languages("my-intents", "seen") == ["en", "de"] and select_languages("my-intents", "english") == ["en"]
     register_benchmark("mono", tmp_path/"d.csv")
     with pytest.raises(SpecError, match="has no 'unseen' languages"): section_grid("4.2", "tiny", datasets=["mono"])
+
+
+def test_baselines_of_user_data(tmp_path, monkeypatch):
+    "The chance-level rows of section 5.1 work for a file given by a relative path (the key its specs use)."
+    from kdnb.experiment import baseline_scores
+    from kdnb.report import baselines
+    _csv(tmp_path/"d.csv", _rows())
+    monkeypatch.chdir(tmp_path)
+    s = baseline_scores("d.csv", "all")
+    assert set(s) == {"en", "de", "fr", "mean"} and 0 < s["mean"] < 1
+    b = baselines(["d.csv"])
+    assert list(b.dataset) == [str((tmp_path/"d.csv").resolve())] and b.kind[0] == "majority"
+
+
+def test_kdnb_datasets_env_names_data_for_every_process(tmp_path):
+    "KDNB_DATASETS registers names in a new process: a section spec file lists its grid on a registered dataset."
+    _csv(tmp_path/"d.csv", _rows())
+    (tmp_path/"datasets.json").write_text(json.dumps({"mine": {"path": "d.csv", "unseen": ["fr"]}}))
+    (tmp_path/"section.json").write_text(json.dumps({"section": "4.3", "preset": "tiny", "datasets": ["mine"]}))
+    env = {**ENV, "KDNB_DATASETS": str(tmp_path/"datasets.json")}
+    cmd = [sys.executable, "-c", "import sys; from kdnb.cli import main; sys.exit(main())", "run", str(tmp_path/"section.json"),
+           "--study", str(tmp_path/"study"), "--dry-run"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "3 specs (dry run" in r.stdout and "mine" in r.stdout, r.stdout + r.stderr
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)   # without it: the usual error
+    assert r.returncode == 2 and "Spec.dataset='mine' is invalid" in r.stderr, r.stderr
