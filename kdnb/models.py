@@ -418,7 +418,7 @@ def save_model(model, # a (possibly trimmed) HF model
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     if tokenizer is not None:   # the tokenizer whose ids are the model's rows, for plain AutoTokenizer (kdnb.export)
-        from .export import save_tokenizer
+        from kdnb.export import save_tokenizer
         save_tokenizer(tokenizer, model, out_dir)
     kept = getattr(model.config, "kdnb_kept_ids", None)
     if kept is not None and tokenizer is None:

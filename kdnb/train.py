@@ -360,7 +360,7 @@ def _save_run(trainer, kd, out_dir, best_dir, run):
     trainer.save_model(str(best_dir))
     proj = getattr(kd, "proj", None)
     if trainer.args.should_save:
-        from .export import save_tokenizer   # the tokenizer whose ids are the model's rows (trimmed for a trimmed model)
+        from kdnb.export import save_tokenizer   # the tokenizer whose ids are the model's rows (trimmed for a trimmed model)
         save_tokenizer(trainer.processing_class, trainer.model, best_dir, max_length=run["settings"]["max_length"])
         if proj is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in proj.state_dict().items()},
