@@ -95,9 +95,13 @@ def save_tokenizer(tokenizer, # the tokenizer the model was trained with (the or
     if trim and len(tokenizer) != n_orig:
         raise ValueError(f"The model was trimmed from {n_orig} to {cfg.vocab_size} tokens, but the tokenizer has "
                          f"{len(tokenizer)}: pass the tokenizer of the model it was trimmed from.")
-    if getattr(tokenizer, "is_fast", False): out = trim_tokenizer(tokenizer, kept) if trim else _fast_copy(tokenizer, _backend_json(tokenizer))
-    elif trim: raise TypeError(f"Only fast tokenizers can be trimmed, got a {type(tokenizer).__name__}; load it with use_fast=True.")
-    else: out = copy.deepcopy(tokenizer)
+    out = None
+    if trim:
+        try: out = trim_tokenizer(tokenizer, kept)
+        except (TypeError, NotImplementedError) as e:   # never fail a finished training over its tokenizer
+            warnings.warn(f"{e} {out_dir} keeps the original tokenizer; map its ids with kdnb.models.encode_for_model.")
+            trim = False
+    if out is None: out = _fast_copy(tokenizer, _backend_json(tokenizer)) if getattr(tokenizer, "is_fast", False) else copy.deepcopy(tokenizer)
     if max_length is not None: out.model_max_length = int(max_length)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in _TOKENIZER_FILES: (out_dir/f).unlink(missing_ok=True)   # no stale full-vocabulary files beside it
@@ -108,9 +112,11 @@ def save_tokenizer(tokenizer, # the tokenizer the model was trained with (the or
         p.write_text(json.dumps({**c, "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2, ensure_ascii=False))
     if kept is not None:
         (out_dir/KDNB_VOCAB).write_text(json.dumps({
-            "original_vocab_size": n_orig, "kept_ids": list(kept), "tokenizer": "trimmed",
+            "original_vocab_size": n_orig, "kept_ids": list(kept),
+            "tokenizer": "trimmed" if trim or len(tokenizer) == cfg.vocab_size else "original",
             "note": "trimmed vocabulary: new token id = index of the original id in kept_ids. The tokenizer in this folder "
-                    "is trimmed too (use it as is); kdnb.models.encode_for_model remaps the original tokenizer's ids."}))
+                    "is trimmed too unless `tokenizer` says 'original'; kdnb.models.encode_for_model remaps the original "
+                    "tokenizer's ids."}))
     return out
 
 # %% ../nbs/12_export.ipynb #e0a1c015
@@ -270,11 +276,17 @@ def export_student(study_dir, # the study folder (holds results.sqlite, teachers
         try: validate_repo_id(push_to_hub)
         except HFValidationError as e: raise ExportError(f"push_to_hub={push_to_hub!r} is not a Hub repo id ('user/name'): {e}") from None
     store, row, spec, src = _finished(study_dir, spec_id)
+    tok = _tokenizer(spec.model)
+    if getattr(AutoConfig.from_pretrained(src), "kdnb_kept_ids", None) is not None and len(tok) != AutoConfig.from_pretrained(src).vocab_size:
+        kind = _backend_json(tok)["model"].get("type") if getattr(tok, "is_fast", False) else type(tok).__name__
+        if kind not in ("Unigram", "WordLevel", "WordPiece"):
+            raise ExportError(f"Spec {row['spec_id']} trimmed the vocabulary of a {kind} tokenizer, which cannot be trimmed "
+                              "to match; rerun it with trim=False to export it.")
     folder.mkdir(parents=True, exist_ok=True)
     try:
         for f in _MODEL_FILES + tuple(p.name for p in src.glob("model-*.safetensors")):
             if (src/f).is_file(): shutil.copy2(src/f, folder/f)
-        save_tokenizer(_tokenizer(spec.model), folder, folder, max_length=spec.max_length)
+        save_tokenizer(tok, folder, folder, max_length=spec.max_length)
         cfg = AutoConfig.from_pretrained(folder)
         b = BENCHMARKS[spec.dataset]
         check = check_tokenizer(folder, study_dir, spec) if b.folder is None or data_available(spec.dataset) else None
