@@ -196,8 +196,8 @@ def model_card(spec, # the `kdnb.experiment.Spec`
                     f'clf = pipeline("{tag}", model="path/to/this/folder")',
                     f"clf('...'{', truncation=True' if tag == 'text-classification' else ''})   "
                     f"# inputs are cut at {spec.max_length} tokens, as in training", "```", "",
-                    "## Results", "", f"Test F1 (%), {row.get('test_f1') is not None and 'mean ' + _pct(row['test_f1']) or ''}; "
-                    f"dev F1 (model selection): {_pct(row.get('dev_f1'))}.", "", "| language | test F1 (%) |", "|---|---:|"]
+                    "## Results", "", f"Test F1 (%): mean {_pct(row.get('test_f1'))}; dev F1 (model selection): {_pct(row.get('dev_f1'))}; "
+                    f"{row.get('params') or 0:,} parameters.", "", "| language | test F1 (%) |", "|---|---:|"]
     lines += [f"| {l} | {_pct(v)} |" for l, v in by_lang.items()]
     if teacher:
         lines += ["", f"Teacher: `{spec.model}` fine-tuned on {spec.dataset} ({spec.teacher_key}), dev F1 {_pct(teacher.get('dev_f1'))}."]
