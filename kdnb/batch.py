@@ -89,6 +89,7 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
     if report_to is not None: env[REPORT_ENV] = ",".join(resolve_report_to(report_to)) or "none"
     with mock.patch.dict(os.environ, env): precision = "bf16" if resolve_bf16("auto") else "fp32"   # what the notebooks will use
     log = dict(command=" ".join(map(shlex.quote, sys.argv)), preset=preset, parameters=params, precision=precision,
+               report_to=env.get(REPORT_ENV, os.environ.get(REPORT_ENV, "none")),
                started=time.strftime("%Y-%m-%d %H:%M:%S"),
                host=platform.node(), python=sys.version.split()[0], versions=_versions(), notebooks=[])
     bar = tqdm(names, desc=f"kdnb batch {preset}", unit="notebook", disable=not progress)

@@ -171,6 +171,7 @@ def test_report_to_from_cli_env_and_batch(tmp_path, monkeypatch):
     assert main(["batch", "--preset", "tiny", "--only", "report", "--folder", str(tmp_path/"b"), "--report-to",
                  "tensorboard", "--no-progress"]) == 0
     assert seen["env"] == "tensorboard" and REPORT_ENV not in os.environ
+    assert json.loads((tmp_path/"b"/"batch.json").read_text())["report_to"] == "tensorboard"
 
 
 def test_export_errors(study, tmp_path):
