@@ -69,6 +69,7 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
               log_output:bool=False, # stream the notebooks' outputs to the log
               raise_on_error:bool=True, # raise `BatchError` at the end when a notebook failed
               bf16:bool|None=None, # True/False: train in bf16 or fp32 (sets `KDNB_BF16`); None: kdnb's "auto"
+              report_to:str|list|None=None, # trackers every training reports to (sets `KDNB_REPORT_TO`); None: as set
              ) -> Path:
     "Execute every analysis notebook for `preset` into a dated folder; return the folder."
     import papermill as pm
@@ -83,9 +84,12 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
     study_dir = Path(study_dir) if study_dir else Path("studies")/preset
     params = dict(preset=preset, study_dir=str(study_dir.resolve()), out_dir=str(folder.resolve()), progress=False,
                   **({"data_dir": str(Path(data_dir).resolve())} if data_dir else {}), **(parameters or {}))
+    from kdnb.train import REPORT_ENV, resolve_report_to
     env = {} if bf16 is None else {BF16_ENV: "on" if bf16 else "off"}   # set for the batch, restored after it
+    if report_to is not None: env[REPORT_ENV] = ",".join(resolve_report_to(report_to)) or "none"
     with mock.patch.dict(os.environ, env): precision = "bf16" if resolve_bf16("auto") else "fp32"   # what the notebooks will use
     log = dict(command=" ".join(map(shlex.quote, sys.argv)), preset=preset, parameters=params, precision=precision,
+               report_to=env.get(REPORT_ENV, os.environ.get(REPORT_ENV, "none")),
                started=time.strftime("%Y-%m-%d %H:%M:%S"),
                host=platform.node(), python=sys.version.split()[0], versions=_versions(), notebooks=[])
     bar = tqdm(names, desc=f"kdnb batch {preset}", unit="notebook", disable=not progress)
@@ -144,6 +148,9 @@ def batch_arguments(p:argparse.ArgumentParser, # the `batch` subcommand's parser
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="precision of every training: auto (fp32 as in the paper, unless KDNB_BF16 says otherwise), on (bf16 autocast, also on "
                         "CPUs; fast with AMX/AVX512-BF16), off (fp32)")
+    p.add_argument("--report-to", default=None, metavar="TRACKERS",
+                   help="send every training's log (loss, KD terms, dev F1) to these trackers: tensorboard, mlflow, wandb, "
+                        "... comma-separated, or none (default: env KDNB_REPORT_TO, else none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -162,7 +169,7 @@ def batch_main(args:argparse.Namespace, # parsed arguments of `batch_arguments`
         folder = run_batch(args.preset, out=args.out, notebooks=args.only, study_dir=args.study_dir, data_dir=args.data_dir,
                            parameters=dict(args.params), notebooks_dir=args.notebooks_dir, folder=args.folder,
                            kernel_name=args.kernel, progress=not args.no_progress,
-                           bf16={"auto": None, "on": True, "off": False}[args.bf16])
+                           bf16={"auto": None, "on": True, "off": False}[args.bf16], report_to=args.report_to)
     except BatchError as e:
         print(f"kdnb batch: {e}", file=sys.stderr); return 1
     print(f"kdnb batch: done -> {folder}")

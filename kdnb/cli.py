@@ -17,7 +17,7 @@ __all__ = ['SUBCOMMANDS', 'PLUGINS', 'LIST_COLUMNS', 'subcommand', 'parser', 'ma
 
 # %% ../nbs/10_cli.ipynb #88df1738
 SUBCOMMANDS = {} # name -> (help, arguments(parser) or None, handler(args) -> exit code or None)
-PLUGINS = ["kdnb.batch"] # modules `main` imports so that their `@subcommand`s register (skipped when absent)
+PLUGINS = ["kdnb.batch", "kdnb.export"] # modules `main` imports so that their `@subcommand`s register (skipped when absent)
 
 def subcommand(name:str, # the subcommand: `kdnb <name> ...`
                help:str, # one line for `kdnb --help`
@@ -50,6 +50,9 @@ def _run_args(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-wait", action="store_true", help="do not wait for specs another process is running")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' Trainer checkpoints")
+    p.add_argument("--report-to", default=None, metavar="TRACKERS",
+                   help="send every training's log (loss, KD terms, dev F1) to these trackers: tensorboard, mlflow, wandb, "
+                        "... comma-separated, or none (default: env KDNB_REPORT_TO, else none)")
     p.add_argument("--errors", choices=["raise", "warn"], default="raise",
                    help="when specs fail: exit with status 1 (raise, default) or only warn")
 
@@ -84,7 +87,7 @@ def _run(args):
         print(f"{len(specs)} specs (dry run: checked, nothing was trained)")
         return 0
     df = run_grid(specs, args.study, progress=not args.no_progress, wait=not args.no_wait, errors=args.errors,
-                  keep_checkpoints=args.keep_checkpoints)
+                  keep_checkpoints=args.keep_checkpoints, report_to=args.report_to)
     print(_table(df))
     done = int((df.status == "done").sum())
     print(f"{done} of {len(specs)} specs done; results in {Path(args.study)/'results.sqlite'}")

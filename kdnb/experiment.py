@@ -638,6 +638,7 @@ def run_grid(specs:Spec|Iterable[Spec|dict], # specs (or spec dicts) to run
              poll:float=5.0, # seconds between looks at specs other processes hold
              errors:str="raise", # after the grid: `raise` GridFailed, or `warn`, when specs failed
              keep_checkpoints:bool=False, # keep a finished run's Trainer checkpoints (its `best/` model is always kept)
+             report_to:str|list|None=None, # trackers every training reports to (tensorboard, mlflow, ...); None: env KDNB_REPORT_TO. Not part of the specs
             )->pd.DataFrame:
     "Run every spec not yet finished in `study_dir`'s store and return their `results` rows."
     if errors not in ("raise", "warn"): raise ValueError(f"errors={errors!r}: use 'raise' or 'warn'.")
@@ -653,11 +654,15 @@ def run_grid(specs:Spec|Iterable[Spec|dict], # specs (or spec dicts) to run
                            "start one `kdnb run` (or run_grid) per GPU instead, e.g. CUDA_VISIBLE_DEVICES=0 kdnb run grid.json "
                            "--study S & CUDA_VISIBLE_DEVICES=1 kdnb run grid.json --study S; they share the work through "
                            "the store's claims. Use kdnb.train.fine_tune/distill directly for one multi-GPU training.")
+    from unittest import mock
+    from kdnb.train import REPORT_ENV, resolve_report_to
+    track = mock.patch.dict(os.environ, {} if report_to is None else {REPORT_ENV: ",".join(resolve_report_to(report_to)) or "none"})
     store, since = Store(study_dir), time.time()
     for k in [k for k in _TEACHER_FAILURES if k[0] == str(store.path)]: del _TEACHER_FAILURES[k]
     store.register(specs)
     failed, pending = {}, specs
     bar = tqdm(total=len(specs), desc="specs", unit="spec", disable=not progress)
+    track.start()
     try:
         while pending:
             later = []
@@ -672,7 +677,7 @@ def run_grid(specs:Spec|Iterable[Spec|dict], # specs (or spec dicts) to run
             pending = later if wait else []
             if pending: time.sleep(poll)
     finally:
-        bar.close()
+        bar.close(); track.stop()
         for k in [k for k in _TEACHER_FAILURES if k[0] == str(store.path)]: del _TEACHER_FAILURES[k]
     if failed:
         msg = f"{len(failed)} of {len(specs)} specs failed:\n" + "\n".join(

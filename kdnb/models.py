@@ -274,6 +274,11 @@ def _check_dtype(dtype, model_type, name):
                          "losses; use dtype=torch.bfloat16 (bf16) or torch.float32 (fp32).")
     return dtype
 
+def _has_trimmed_tokenizer(path)->bool:
+    "Whether the model folder `path` holds a trimmed tokenizer (saved by `kdnb.export.save_tokenizer`)."
+    p = Path(str(path))/"kdnb_vocab.json"
+    return p.is_file() and json.loads(p.read_text()).get("tokenizer") == "trimmed"
+
 def _check_labels(label_names):
     labels = list(label_names) if label_names is not None and not isinstance(label_names, str) else []
     if not labels or not all(isinstance(l, str) for l in labels) or len(set(labels)) != len(labels):
@@ -290,6 +295,8 @@ def load_model(name_or_path, # hub name, local folder, or "embedded"
     cls, labels = auto_class(task), _check_labels(label_names)
     path = _resolve(name_or_path)
     cfg = AutoConfig.from_pretrained(path)
+    if _has_trimmed_tokenizer(path):   # its own tokenizer gives the trimmed ids: nothing to remap any more
+        for a in ("kdnb_kept_ids", "kdnb_original_vocab_size"): cfg.__dict__.pop(a, None)
     dtype = _check_dtype(dtype, cfg.model_type, name_or_path)
     mismatch = cfg.num_labels != len(labels)
     cfg.id2label = dict(enumerate(labels)); cfg.label2id = {l: i for i, l in enumerate(labels)}
@@ -425,12 +432,14 @@ def save_model(model, # a (possibly trimmed) HF model
                out_dir, # folder to write
                tokenizer=None # also save this tokenizer (the original one; trimmed models remap its ids)
               ):
-    "`save_pretrained` plus the tokenizer and, for a trimmed model, `kdnb_vocab.json` with its id map."
+    "`save_pretrained` plus the tokenizer (trimmed like a trimmed model) and, for a trimmed model, `kdnb_vocab.json` with its id map."
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    if tokenizer is not None: tokenizer.save_pretrained(out_dir)
+    if tokenizer is not None:   # the tokenizer whose ids are the model's rows, for plain AutoTokenizer (kdnb.export)
+        from kdnb.export import save_tokenizer
+        save_tokenizer(tokenizer, model, out_dir)
     kept = getattr(model.config, "kdnb_kept_ids", None)
-    if kept is not None:
+    if kept is not None and tokenizer is None:
         (out_dir/"kdnb_vocab.json").write_text(json.dumps({
             "original_vocab_size": model.config.kdnb_original_vocab_size, "kept_ids": kept,
             "note": "trimmed vocabulary: new token id = index of the original id in kept_ids; "
@@ -449,6 +458,7 @@ def encode_for_model(tokenizer, # the model's original tokenizer
     enc = tokenizer(texts, **kwargs)
     m = model if isinstance(model, torch.Tensor) else vocab_map(model)
     if m is None: return enc
+    if len(tokenizer) != len(m) and len(tokenizer) == int((m >= 0).sum()): return enc   # already the trimmed tokenizer
     unk = int(m[tokenizer.unk_token_id]) if tokenizer.unk_token_id is not None else -1
     def f(ids):
         t = torch.as_tensor(ids, dtype=torch.long)

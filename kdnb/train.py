@@ -22,10 +22,10 @@ from .losses import kd_loss_for, teacher_outputs
 from .metrics import compute_metrics, scores_by_language
 
 # %% auto #0
-__all__ = ['PAPER_EVAL_STEPS', 'PRESETS', 'BF16_ENV', 'KD_ATTR', 'MODEL_COLUMNS', 'TrainSettings', 'as_settings', 'resolve_bf16',
-           'training_arguments', 'toy_tokenizer', 'toy_benchmark', 'TrainingDiverged', 'last_checkpoint',
-           'resume_checkpoint', 'KdnbTrainer', 'DistillationTrainer', 'TrainResult', 'fine_tune', 'distill',
-           'evaluate_by_language']
+__all__ = ['PAPER_EVAL_STEPS', 'PRESETS', 'BF16_ENV', 'REPORT_ENV', 'KD_ATTR', 'MODEL_COLUMNS', 'TrainSettings', 'as_settings',
+           'resolve_bf16', 'training_arguments', 'resolve_report_to', 'toy_tokenizer', 'toy_benchmark',
+           'TrainingDiverged', 'last_checkpoint', 'resume_checkpoint', 'KdnbTrainer', 'DistillationTrainer',
+           'TrainResult', 'fine_tune', 'distill', 'evaluate_by_language']
 
 # %% ../nbs/06_train.ipynb #0049092d
 @dataclass
@@ -44,6 +44,7 @@ class TrainSettings:
     bf16:str|bool="auto" # "auto": KDNB_BF16 (on/off) if set, else fp32 (the paper's default); True works on CPU; never fp16
     num_workers:int=0 # dataloader worker processes
     gradient_accumulation_steps:int=1 # micro-batches per optimizer step
+    report_to:str|list|None=None # experiment trackers ("tensorboard", "mlflow", "wandb", ..., "none"); None: env KDNB_REPORT_TO, else none
 
     def __post_init__(self):
         pos = ("batch_size", "eval_batch_size", "eval_steps", "logging_steps", "save_total_limit", "max_length",
@@ -60,6 +61,7 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.max_steps must be a positive integer or -1 (use epochs), got {self.max_steps!r}.")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"TrainSettings.num_workers must be an integer >= 0, got {self.num_workers!r}.")
+        if self.report_to is not None: resolve_report_to(self.report_to, check_installed=False)
         if self.bf16 not in ("auto", True, False):
             raise ValueError(f"TrainSettings.bf16 must be 'auto', True or False, got {self.bf16!r}.")
 
@@ -118,10 +120,32 @@ def training_arguments(settings:TrainSettings|str|dict|None, # see `as_settings`
               logging_strategy="steps", logging_steps=s.logging_steps, logging_first_step=True,
               load_best_model_at_end=True, metric_for_best_model="f1", greater_is_better=True,
               save_total_limit=s.save_total_limit, seed=s.seed, bf16=resolve_bf16(s.bf16), fp16=False,
-              dataloader_num_workers=s.num_workers, report_to="none", disable_tqdm=not progress,
+              dataloader_num_workers=s.num_workers, report_to=resolve_report_to(s.report_to), disable_tqdm=not progress,
               label_names=["labels"], use_cpu=not torch.cuda.is_available())
     kw.update(overrides)
     return TrainingArguments(**kw)
+
+# %% ../nbs/06_train.ipynb #e0a1c102
+REPORT_ENV = "KDNB_REPORT_TO"
+
+def resolve_report_to(report_to:str|list|None=None, # tracker name(s), comma-separated or a list; "none"/"all"; None: env
+                      *, check_installed:bool=True # also require the trackers' packages to be installed
+                     )->list:
+    "The `Trainer` integrations to report to: `report_to`, else env `KDNB_REPORT_TO`, else none."
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+    src = os.environ.get(REPORT_ENV, "none") if report_to is None else report_to
+    where = f"{REPORT_ENV}={src!r}" if report_to is None else f"report_to={report_to!r}"
+    if not (isinstance(src, str) or (isinstance(src, (list, tuple)) and all(isinstance(s, str) for s in src))):
+        raise ValueError(f"{where}: give a tracker name, a comma-separated string or a list of names.")
+    names = [n.strip() for s in ([src] if isinstance(src, str) else src) for n in s.split(",")]
+    names = list(dict.fromkeys(n for n in names if n and n != "none"))
+    if "all" in names: return get_available_reporting_integrations()
+    if bad := [n for n in names if n not in INTEGRATION_TO_CALLBACK]:
+        raise ValueError(f"{where}: unknown tracker(s) {bad}; use 'none', 'all' or any of {sorted(INTEGRATION_TO_CALLBACK)}.")
+    if check_installed and (missing := [n for n in names if n not in get_available_reporting_integrations()]):
+        raise ValueError(f"{where}: {missing} not installed; install the tracker's package (e.g. pip install "
+                         f"{' '.join(missing)}) or drop it.")
+    return names
 
 # %% ../nbs/06_train.ipynb #740a2c4e
 def toy_tokenizer(vocab_size:int=120 # ids 0-3 are <s>, <pad>, </s>, <unk>; words are w4 .. w{vocab_size-1}
@@ -350,6 +374,8 @@ def _save_run(trainer, kd, out_dir, best_dir, run):
     trainer.save_model(str(best_dir))
     proj = getattr(kd, "proj", None)
     if trainer.args.should_save:
+        from kdnb.export import save_tokenizer   # the tokenizer whose ids are the model's rows (trimmed for a trimmed model)
+        save_tokenizer(trainer.processing_class, trainer.model, best_dir, max_length=run["settings"]["max_length"])
         if proj is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in proj.state_dict().items()},
                       best_dir/"kd_projection.safetensors", metadata={"format": "pt"})
@@ -370,13 +396,16 @@ def _train(trainer_cls, model, data, *, task, label_names, tokenizer, out_dir, s
                               "continue that run, or use a new out_dir (or delete the folder) to start over.")
     model.config.id2label = dict(enumerate(label_names))
     model.config.label2id = {l: i for i, l in enumerate(label_names)}
-    args = training_arguments(settings, ckpt_dir, progress=progress, **(args_overrides or {}))
+    args = training_arguments(settings, ckpt_dir, progress=progress, run_name=str(Path(out_dir.parent.name)/out_dir.name),
+                              **(args_overrides or {}))
     with _progress_bars(progress):
         trainer = trainer_cls(model, args=args, train_dataset=_model_columns(data["train"]),
                               eval_dataset=_model_columns(data["dev"]), data_collator=collator(tokenizer, task),
                               processing_class=tokenizer, compute_metrics=compute_metrics(task, label_names),
                               callbacks=callbacks, **trainer_kwargs)
         if not progress: trainer.remove_callback(PrinterCallback)  # no per-log prints either
+        for cb in trainer.callback_handler.callbacks:  # TensorBoard events beside best/ (checkpoints/ may be deleted)
+            if type(cb).__name__ == "TensorBoardCallback" and cb.logging_dir is None: cb.logging_dir = str(out_dir/"tensorboard")
         if trainer.args.should_save and ckpt_dir.is_dir():  # half-written checkpoints of a killed run
             for c in ckpt_dir.iterdir():
                 if _CKPT.match(c.name) and c.is_dir() and not (c/"trainer_state.json").exists(): shutil.rmtree(c)
