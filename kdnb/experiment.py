@@ -535,6 +535,7 @@ def run_grid(specs:Spec|Iterable[Spec|dict], # specs (or spec dicts) to run
              poll:float=5.0, # seconds between looks at specs other processes hold
              errors:str="raise", # after the grid: `raise` GridFailed, or `warn`, when specs failed
              keep_checkpoints:bool=False, # keep a finished run's Trainer checkpoints (its `best/` model is always kept)
+             workers:int|str|None=None, # worker processes: an int, `auto` (from the hardware), None (`$KDNB_WORKERS`, else 1); `kdnb.parallel`
             )->pd.DataFrame:
     "Run every spec not yet finished in `study_dir`'s store and return their `results` rows."
     if errors not in ("raise", "warn"): raise ValueError(f"errors={errors!r}: use 'raise' or 'warn'.")
@@ -550,6 +551,9 @@ def run_grid(specs:Spec|Iterable[Spec|dict], # specs (or spec dicts) to run
                            "start one `kdnb run` (or run_grid) per GPU instead, e.g. CUDA_VISIBLE_DEVICES=0 kdnb run grid.json "
                            "--study S & CUDA_VISIBLE_DEVICES=1 kdnb run grid.json --study S; they share the work through "
                            "the store's claims. Use kdnb.train.fine_tune/distill directly for one multi-GPU training.")
+    from kdnb.parallel import plan_workers, run_parallel   # several worker processes share the store
+    if (n := plan_workers(workers, tasks=len(specs)).workers) > 1: return run_parallel(specs, study_dir, workers=n, progress=progress,
+        runner=runner, wait=wait, poll=poll, errors=errors, keep_checkpoints=keep_checkpoints)
     store, since = Store(study_dir), time.time()
     for k in [k for k in _TEACHER_FAILURES if k[0] == str(store.path)]: del _TEACHER_FAILURES[k]
     store.register(specs)
