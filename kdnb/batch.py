@@ -69,10 +69,13 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
               log_output:bool=False, # stream the notebooks' outputs to the log
               raise_on_error:bool=True, # raise `BatchError` at the end when a notebook failed
               bf16:bool|None=None, # True/False: train in bf16 or fp32 (sets `KDNB_BF16`); None: kdnb's "auto"
+              workers:int|str|None="auto", # worker processes per grid (sets `KDNB_WORKERS`): an int, `auto`, None (leave it)
              ) -> Path:
     "Execute every analysis notebook for `preset` into a dated folder; return the folder."
     import papermill as pm
     from kdnb.train import BF16_ENV, resolve_bf16
+    from kdnb.parallel import WORKERS_ENV, plan_workers, batch_specs, watch
+    from kdnb.experiment import Store
     if preset not in PRESETS: raise ValueError(f"Unknown preset {preset!r}; use one of {PRESETS}.")
     src = analysis_dir(notebooks_dir)
     names = [Path(n).stem for n in (notebooks or NOTEBOOKS)]
@@ -84,14 +87,16 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
     params = dict(preset=preset, study_dir=str(study_dir.resolve()), out_dir=str(folder.resolve()), progress=False,
                   **({"data_dir": str(Path(data_dir).resolve())} if data_dir else {}), **(parameters or {}))
     env = {} if bf16 is None else {BF16_ENV: "on" if bf16 else "off"}   # set for the batch, restored after it
+    if workers is not None: plan_workers(workers); env[WORKERS_ENV] = str(workers)   # a bad value fails here
     with mock.patch.dict(os.environ, env): precision = "bf16" if resolve_bf16("auto") else "fp32"   # what the notebooks will use
-    log = dict(command=" ".join(map(shlex.quote, sys.argv)), preset=preset, parameters=params, precision=precision,
+    log = dict(command=" ".join(map(shlex.quote, sys.argv)), preset=preset, parameters=params, precision=precision, workers=workers,
                started=time.strftime("%Y-%m-%d %H:%M:%S"),
                host=platform.node(), python=sys.version.split()[0], versions=_versions(), notebooks=[])
     bar = tqdm(names, desc=f"kdnb batch {preset}", unit="notebook", disable=not progress)
-    with mock.patch.dict(os.environ, env):   # papermill's kernels inherit the environment
-        for name in bar:
-            bar.set_postfix_str(name)
+    if specs := batch_specs(names, preset, params): Store(study_dir).register(specs)   # the whole batch's plan, for one ETA
+    with mock.patch.dict(os.environ, env), watch(study_dir, [s.spec_id for s in specs] or None, disable=not progress) as runs:
+        for name in bar:   # papermill's kernels inherit the environment; `runs` shows the runs of the store
+            bar.set_postfix_str(name); runs.note = name
             t0, status, error = time.time(), "ok", None
             try:
                 pm.execute_notebook(str(src/f"{name}.ipynb"), str(folder/f"{name}.ipynb"), parameters=params,
@@ -144,6 +149,9 @@ def batch_arguments(p:argparse.ArgumentParser, # the `batch` subcommand's parser
     p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                    help="precision of every training: auto (bf16 on CUDA GPUs, else fp32), on (bf16 autocast, also on "
                         "CPUs; fast with AMX/AVX512-BF16), off (fp32)")
+    p.add_argument("--workers", default="auto", help="worker processes per grid: an int, or auto (one per core on CPU, one "
+                   "per GPU) (default: auto); sets KDNB_WORKERS for the notebooks")
+    p.add_argument("--log-output", action="store_true", help="stream the notebooks' own output (papermill log_output)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -158,10 +166,13 @@ def add_batch_parser(subparsers, # the `add_subparsers()` object of an argparse 
 def batch_main(args:argparse.Namespace, # parsed arguments of `batch_arguments`
               ) -> int:
     "Run `kdnb batch`; return the exit code (0 ok, 1 when a notebook failed)."
+    if args.log_output:   # papermill logs the notebooks' output at INFO
+        import logging
+        logging.basicConfig(format="%(message)s"); logging.getLogger("papermill").setLevel(logging.INFO)
     try:
         folder = run_batch(args.preset, out=args.out, notebooks=args.only, study_dir=args.study_dir, data_dir=args.data_dir,
                            parameters=dict(args.params), notebooks_dir=args.notebooks_dir, folder=args.folder,
-                           kernel_name=args.kernel, progress=not args.no_progress,
+                           kernel_name=args.kernel, progress=not args.no_progress, log_output=args.log_output, workers=args.workers,
                            bf16={"auto": None, "on": True, "off": False}[args.bf16])
     except BatchError as e:
         print(f"kdnb batch: {e}", file=sys.stderr); return 1
