@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_parallel.ipynb #7a6cd73c
 from __future__ import annotations
-import contextlib, multiprocessing as mp, os, pickle, re, shutil, sqlite3, subprocess, sys, threading, time
+import contextlib, multiprocessing as mp, os, pickle, re, shutil, signal, sqlite3, subprocess, sys, threading, time
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_ready
@@ -328,7 +328,8 @@ def run_parallel(specs:Iterable, # specs (or spec dicts) to run
                 for w in pool:
                     if w.task is None and w.alive() and (task := next_task()) is not None:
                         kind, s = task
-                        w.conn.send((kind, s.to_json(), broken.get(s.teacher_key) if kind == "spec" else None)); w.task = task
+                        w.task = task   # if the worker died just now, its death below puts the task back
+                        with contextlib.suppress(OSError): w.conn.send((kind, s.to_json(), broken.get(s.teacher_key) if kind == "spec" else None))
                 if not any(w.task for w in pool):
                     time.sleep(min(poll, 1.0)); continue   # only specs and teachers other processes hold: look again soon
                 wait_ready([w.conn for w in pool], timeout=min(poll, 1.0))   # a message, or EOF when a worker dies
@@ -350,8 +351,12 @@ def run_parallel(specs:Iterable, # specs (or spec dicts) to run
                         else: (queue_t if kind == "teacher" else queue_s).insert(0, s.teacher_key if kind == "teacher" else s)
                         tqdm.write(f"kdnb: a worker died (exit code {w.proc.returncode}) running {what}; "
                                    + ("giving it up." if deaths[key] >= 2 else "another worker takes it over."), file=sys.stderr)
-                    if spawned < 3 * plan.workers: spawn()
-                    elif not pool: raise RuntimeError(f"All {spawned} worker processes died; see the messages above.")
+                    if (queue_t or queue_s) and spawned < 3 * plan.workers: spawn()   # a replacement, within a budget
+                    elif (queue_t or queue_s) and not pool: raise RuntimeError(f"All {spawned} worker processes died; see the messages above.")
+    except BaseException:   # e.g. KeyboardInterrupt in a notebook, where only this process got it: workers give their runs back
+        for w in pool:
+            with contextlib.suppress(OSError): w.proc.send_signal(signal.SIGINT)
+        raise
     finally:
         for w in pool:
             with contextlib.suppress(OSError, ValueError): w.conn.send(None)
@@ -365,7 +370,7 @@ def run_parallel(specs:Iterable, # specs (or spec dicts) to run
         import warnings; warnings.warn(msg)
     return E.results(study_dir, status=None, spec_ids=[s.spec_id for s in specs])
 
-# %% ../nbs/12_parallel.ipynb #0bad3dd6
+# %% ../nbs/12_parallel.ipynb #7958de96
 GRID_PARAMETERS = ("models", "datasets", "seeds", "epochs", "eval_steps", "max_steps", "batch_size", "train_sample",
                    "eval_subset", "subsets") # notebook parameters the analysis notebooks pass to `run_section`'s grid
 
