@@ -100,3 +100,21 @@ def test_killed_worker_spec_is_taken_over(tmp_path):
     assert all(r["attempts"] == 1 for k, r in rows.items() if k != slow.spec_id)
     assert (progress(study).done, progress(study).pending, progress(study).running) == (len(specs), 0, 0)
     assert st.integrity() == "ok"
+
+
+def test_batch_log_output_streams_the_notebooks_output(tmp_path):
+    "`kdnb batch --log-output` shows what the notebooks print while they run; without it, it does not."
+    import nbformat
+    src = tmp_path/"src"; src.mkdir()
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell("preset = 'demo'\nstudy_dir = None\nout_dir = None"); p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell("import os\nprint('hello from the notebook, workers', os.environ['KDNB_WORKERS'])")]
+    nb.metadata["kernelspec"] = dict(name="python3", display_name="Python 3", language="python")
+    nbformat.write(nb, str(src/"report.ipynb"))
+    cmd = [sys.executable, "-c", "import sys; from kdnb.cli import main; sys.exit(main())", "batch", "--preset", "tiny", "--only",
+           "report", "--notebooks-dir", str(src), "--study-dir", str(tmp_path/"study"), "--workers", "3"]
+    r = subprocess.run(cmd + ["--folder", str(tmp_path/"a"), "--log-output"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "hello from the notebook, workers 3" in r.stdout + r.stderr
+    r = subprocess.run(cmd + ["--folder", str(tmp_path/"b")], env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "hello from the notebook" not in r.stdout + r.stderr, r.stderr[-3000:]
