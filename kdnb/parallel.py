@@ -149,12 +149,13 @@ class watch:
 
     def _show(self, p:Progress):
         self.last, b = p, self.bar
-        if b.total != p.total: b.total = p.total
-        if (n := p.done + p.failed) != b.n: b.update(n - b.n)
         for k, (what, err) in p.failures.items():
             if k not in self._seen: self._seen.add(k); tqdm.write(f"kdnb: run {k} ({what}) failed: {err}", file=sys.stderr)
         b.set_postfix_str(" | ".join([f"{p.running} running, {p.failed} failed, {p.pending} pending", *([self.note] if self.note else []),
-                                      *p.running_specs[:2]]), refresh=True)
+                                      *p.running_specs[:2]]), refresh=False)
+        if b.total != p.total: b.total = p.total
+        if (n := p.done + p.failed) != b.n: b.update(n - b.n)   # the ETA comes from the rate of these updates
+        b.refresh()
 
     def _loop(self):
         while not self._stop.wait(self.interval):
