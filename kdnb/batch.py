@@ -70,10 +70,13 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
               raise_on_error:bool=True, # raise `BatchError` at the end when a notebook failed
               bf16:bool|None=None, # True/False: train in bf16 or fp32 (sets `KDNB_BF16`); None: kdnb's "auto"
               report_to:str|list|None=None, # trackers every training reports to (sets `KDNB_REPORT_TO`); None: as set
+              workers:int|str|None="auto", # worker processes per grid (sets `KDNB_WORKERS`): an int, `auto`, None (leave it)
              ) -> Path:
     "Execute every analysis notebook for `preset` into a dated folder; return the folder."
     import papermill as pm
     from kdnb.train import BF16_ENV, resolve_bf16
+    from kdnb.parallel import WORKERS_ENV, plan_workers, batch_specs, watch
+    from kdnb.experiment import Store
     if preset not in PRESETS: raise ValueError(f"Unknown preset {preset!r}; use one of {PRESETS}.")
     src = analysis_dir(notebooks_dir)
     names = [Path(n).stem for n in (notebooks or NOTEBOOKS)]
@@ -86,16 +89,18 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
                   **({"data_dir": str(Path(data_dir).resolve())} if data_dir else {}), **(parameters or {}))
     from kdnb.train import REPORT_ENV, resolve_report_to
     env = {} if bf16 is None else {BF16_ENV: "on" if bf16 else "off"}   # set for the batch, restored after it
-    if report_to is not None: env[REPORT_ENV] = ",".join(resolve_report_to(report_to)) or "none"
+    if workers is not None: plan_workers(workers); env[WORKERS_ENV] = str(workers)   # a bad value fails here
     with mock.patch.dict(os.environ, env): precision = "bf16" if resolve_bf16("auto") else "fp32"   # what the notebooks will use
-    log = dict(command=" ".join(map(shlex.quote, sys.argv)), preset=preset, parameters=params, precision=precision,
+    if report_to is not None: env[REPORT_ENV] = ",".join(resolve_report_to(report_to)) or "none"
+    log = dict(command=" ".join(map(shlex.quote, sys.argv)), preset=preset, parameters=params, precision=precision, workers=workers,
                report_to=env.get(REPORT_ENV, os.environ.get(REPORT_ENV, "none")),
                started=time.strftime("%Y-%m-%d %H:%M:%S"),
                host=platform.node(), python=sys.version.split()[0], versions=_versions(), notebooks=[])
     bar = tqdm(names, desc=f"kdnb batch {preset}", unit="notebook", disable=not progress)
-    with mock.patch.dict(os.environ, env):   # papermill's kernels inherit the environment
-        for name in bar:
-            bar.set_postfix_str(name)
+    if specs := batch_specs(names, preset, params): Store(study_dir).register(specs)   # the whole batch's plan, for one ETA
+    with mock.patch.dict(os.environ, env), watch(study_dir, [s.spec_id for s in specs] or None, disable=not progress) as runs:
+        for name in bar:   # papermill's kernels inherit the environment; `runs` shows the runs of the store
+            bar.set_postfix_str(name); runs.note = name
             t0, status, error = time.time(), "ok", None
             try:
                 pm.execute_notebook(str(src/f"{name}.ipynb"), str(folder/f"{name}.ipynb"), parameters=params,
@@ -151,6 +156,9 @@ def batch_arguments(p:argparse.ArgumentParser, # the `batch` subcommand's parser
     p.add_argument("--report-to", default=None, metavar="TRACKERS",
                    help="send every training's log (loss, KD terms, dev F1) to these trackers: tensorboard, mlflow, wandb, "
                         "... comma-separated, or none (default: env KDNB_REPORT_TO, else none)")
+    p.add_argument("--workers", default="auto", help="worker processes per grid: an int, or auto (one per core on CPU, one "
+                   "per GPU) (default: auto); sets KDNB_WORKERS for the notebooks")
+    p.add_argument("--log-output", action="store_true", help="stream the notebooks' own output (papermill log_output)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -165,10 +173,13 @@ def add_batch_parser(subparsers, # the `add_subparsers()` object of an argparse 
 def batch_main(args:argparse.Namespace, # parsed arguments of `batch_arguments`
               ) -> int:
     "Run `kdnb batch`; return the exit code (0 ok, 1 when a notebook failed)."
+    if args.log_output:   # papermill logs the notebooks' output at INFO
+        import logging
+        logging.basicConfig(format="%(message)s"); logging.getLogger("papermill").setLevel(logging.INFO)
     try:
         folder = run_batch(args.preset, out=args.out, notebooks=args.only, study_dir=args.study_dir, data_dir=args.data_dir,
                            parameters=dict(args.params), notebooks_dir=args.notebooks_dir, folder=args.folder,
-                           kernel_name=args.kernel, progress=not args.no_progress,
+                           kernel_name=args.kernel, progress=not args.no_progress, log_output=args.log_output, workers=args.workers,
                            bf16={"auto": None, "on": True, "off": False}[args.bf16], report_to=args.report_to)
     except BatchError as e:
         print(f"kdnb batch: {e}", file=sys.stderr); return 1

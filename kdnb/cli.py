@@ -49,6 +49,8 @@ def _run_args(p):
     p.add_argument("--dry-run", action="store_true", help="validate, check (data files, student shapes) and list the specs; train nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-wait", action="store_true", help="do not wait for specs another process is running")
+    p.add_argument("--workers", default="auto", help="worker processes: an int, or auto (one per core on CPU, one per GPU; "
+                   "kdnb.parallel) (default: auto)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' Trainer checkpoints")
     p.add_argument("--report-to", default=None, metavar="TRACKERS",
                    help="send every training's log (loss, KD terms, dev F1) to these trackers: tensorboard, mlflow, wandb, "
@@ -86,8 +88,12 @@ def _run(args):
                       "subset", "seed"]))
         print(f"{len(specs)} specs (dry run: checked, nothing was trained)")
         return 0
-    df = run_grid(specs, args.study, progress=not args.no_progress, wait=not args.no_wait, errors=args.errors,
-                  keep_checkpoints=args.keep_checkpoints, report_to=args.report_to)
+    from kdnb.parallel import plan_workers, watch
+    plan_workers(args.workers)   # a bad --workers fails here, before anything runs
+    with watch(args.study, [s.spec_id for s in specs], disable=args.no_progress):   # done/running/failed/pending, ETA
+        df = run_grid(specs, args.study, progress=False, wait=not args.no_wait, errors=args.errors,
+                      keep_checkpoints=args.keep_checkpoints, workers=args.workers,
+                      report_to=args.report_to)
     print(_table(df))
     done = int((df.status == "done").sum())
     print(f"{done} of {len(specs)} specs done; results in {Path(args.study)/'results.sqlite'}")

@@ -639,6 +639,7 @@ def run_grid(specs:Spec|Iterable[Spec|dict], # specs (or spec dicts) to run
              errors:str="raise", # after the grid: `raise` GridFailed, or `warn`, when specs failed
              keep_checkpoints:bool=False, # keep a finished run's Trainer checkpoints (its `best/` model is always kept)
              report_to:str|list|None=None, # trackers every training reports to (tensorboard, mlflow, ...); None: env KDNB_REPORT_TO. Not part of the specs
+             workers:int|str|None=None, # worker processes: an int, `auto` (from the hardware), None (`$KDNB_WORKERS`, else 1); `kdnb.parallel`
             )->pd.DataFrame:
     "Run every spec not yet finished in `study_dir`'s store and return their `results` rows."
     if errors not in ("raise", "warn"): raise ValueError(f"errors={errors!r}: use 'raise' or 'warn'.")
@@ -657,6 +658,10 @@ def run_grid(specs:Spec|Iterable[Spec|dict], # specs (or spec dicts) to run
     from unittest import mock
     from kdnb.train import REPORT_ENV, resolve_report_to
     track = mock.patch.dict(os.environ, {} if report_to is None else {REPORT_ENV: ",".join(resolve_report_to(report_to)) or "none"})
+    from kdnb.parallel import plan_workers, run_parallel   # several worker processes share the store
+    if (n := plan_workers(workers, tasks=len(specs)).workers) > 1:
+        with track: return run_parallel(specs, study_dir, workers=n, progress=progress, runner=runner, wait=wait,
+                                        poll=poll, errors=errors, keep_checkpoints=keep_checkpoints)
     store, since = Store(study_dir), time.time()
     for k in [k for k in _TEACHER_FAILURES if k[0] == str(store.path)]: del _TEACHER_FAILURES[k]
     store.register(specs)

@@ -617,6 +617,7 @@ def run_section(section:str, # a paper section: 4.1, 4.2, 4.3, 5.1, 5.2 or 5.3 (
                 data_dir=None, # data folder for the real benchmarks
                 device:str|None=None, # `cpu`, `cuda` or None (CUDA when available)
                 threads:int|None=None, # torch CPU threads (None: torch's default; 1 is fastest on a busy machine)
+                workers:int|str|None=None, # worker processes: an int, `auto`, None (`$KDNB_WORKERS`, set by `kdnb batch`; else 1)
                 progress:bool=True, # progress bars
                 errors:str="warn", # a failed spec: `warn` (render what finished) or `raise`
                 **overrides, # `section_grid` options that replace the preset's when not None (models, datasets, seeds, ...)
@@ -633,7 +634,7 @@ def run_section(section:str, # a paper section: 4.1, 4.2, 4.3, 5.1, 5.2 or 5.3 (
         torch.set_num_threads(int(threads))
     specs = section_grid("5.2" if section == "5.3" else section, preset=preset,
                          **{k: v for k, v in overrides.items() if v is not None})
-    run_grid(specs, study, progress=progress, errors=errors)
+    run_grid(specs, study, progress=progress, errors=errors, workers=workers)
     if section in _BASELINE_TESTS:
         baselines(sorted({s.dataset for s in specs}), _BASELINE_TESTS[section], data_dir=data_dir, cache_dir=study)
     return load_results(study)

@@ -68,6 +68,15 @@ def test_batch_ran_every_notebook(batch):
     print(f"tiny batch: {seconds:.0f} s; per notebook: " + ", ".join(f"{n['name']} {n['seconds']:.0f}s" for n in log["notebooks"]))
 
 
+def test_batch_plan_matches_the_notebooks(batch):
+    "The specs the batch registered up front (for its runs bar) are exactly the ones the notebooks ran: none left pending."
+    from kdnb.parallel import progress
+    folder, study, _ = batch
+    p = progress(study)
+    assert (p.pending, p.running, p.failed) == (0, 0, 0) and p.done > 0, str(p)
+    assert json.loads((folder/"batch.json").read_text())["workers"] == "auto"
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_figures_rendered(batch, name):
     "Each executed notebook has an inline PNG figure and no error output."

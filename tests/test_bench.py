@@ -38,3 +38,22 @@ def test_bench_loss_runs():
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [l for l in p.stdout.splitlines() if "same loss" in l]
     assert len(lines) == 3 and all(l.endswith("same loss: True") for l in lines), p.stdout
+
+def test_bench_grid_smoke(tmp_path):
+    "The grid-throughput benchmark runs both splits (1 worker x 2 threads, 2 workers x 1 thread) of 4 tiny runs, measures the process tree, and the splits agree on every metric."
+    out = tmp_path / "grid"
+    p = subprocess.run([sys.executable, "bench/bench_grid.py", "--smoke", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((out / "grid.json").read_text())
+    assert [(s["workers"], s["threads"]) for s in r["splits"]] == [(1, 2), (2, 1)]
+    for s in r["splits"]:
+        assert s["runs"] == 4 and len(s["metrics"]) == 4
+        assert s["runs_per_hour"] == pytest.approx(4 / s["wall_seconds"] * 3600, rel=0.01)
+        assert 0 < s["cpu_seconds"] and s["utilisation"] == pytest.approx(s["cpu_seconds"] / (s["wall_seconds"] * r["cores"]), rel=0.02)
+    two = r["splits"][1]
+    # the process tree is measured: with workers, the top process (the scheduler) is only part of the CPU time
+    assert two["cpu_seconds"] > two["top_cpu_seconds"] + 1 and r["splits"][0]["cpu_seconds"] >= r["splits"][0]["top_cpu_seconds"]
+    assert r["same_metrics"] is True and r["splits"][0]["metrics"] == two["metrics"]
+    md = (out / "grid.md").read_text()
+    assert "runs/hour" in md and "| 2 x 1 |" in md and "Same metrics in every split (4 decimals): True" in md

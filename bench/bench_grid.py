@@ -1,0 +1,122 @@
+"""Grid throughput: one grid run with 1 worker x N threads, N workers x 1 thread (and other splits of the cores on
+larger machines), as runs per hour and CPU utilisation of the process tree. Run on demand; results go to
+BENCHMARKS.md by hand.
+
+    python bench/bench_grid.py --out bench/results             # the tiny grid (section 4.1, preset tiny: 13 runs)
+    python bench/bench_grid.py --demo --out bench/results      # the demo grid (section 4.1, preset demo): ~20 min a split
+    python bench/bench_grid.py --smoke --out /tmp/grid-smoke   # 4 tiny runs, 1x2 and 2x1: checks the benchmark runs
+
+Each split runs the whole grid, teachers included, into a fresh study folder in a child process: with W > 1 workers
+that is `kdnb.parallel.run_parallel` (a scheduler and W worker processes of T threads), with W = 1 the sequential
+`run_grid` in one process of T threads (what kdnb does for workers=1). The CPU time of the whole process tree is the
+RUSAGE_CHILDREN of this process (a child's count includes the workers it waited for); utilisation is CPU seconds /
+(wall seconds x cores). Splits run one after the other, so a shared machine's load shifts them all; the load
+average is recorded. Every split must give the same metrics (checked to 4 decimals): the number of workers changes
+the speed, not the results. Writes `grid.json` and `grid.md` to `--out`.
+"""
+from __future__ import annotations
+import argparse, json, os, platform, resource, subprocess, sys, tempfile, textwrap, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from kdnb.experiment import section_grid
+from kdnb.parallel import cpu_cores
+
+CHILD = """
+import json, os, resource, sys, time
+import torch
+torch.set_num_threads({threads})
+from kdnb.experiment import Spec, run_grid
+from kdnb.parallel import run_parallel
+specs = [Spec.from_json(s) for s in json.load(open({specs!r}))]
+t0 = time.time()
+if {workers} == 1: df = run_grid(specs, {study!r}, progress=False, workers=1)
+else: df = run_parallel(specs, {study!r}, workers={workers}, threads={threads}, progress=False)
+me = resource.getrusage(resource.RUSAGE_SELF)
+print("RESULT " + json.dumps(dict(seconds=time.time() - t0, status=sorted(set(df.status)), own_cpu=me.ru_utime + me.ru_stime,
+      metrics={{r.spec_id: [round(r.dev_f1, 4), round(r.test_f1, 4), int(r.best_step)] for r in df.itertuples()}})))
+"""
+
+
+def _cpu_children():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_split(specs, workers:int, threads:int, tmp:Path) -> dict:
+    "Run `specs` with `workers` x `threads` in a child process tree; wall time, CPU time and the metrics."
+    study = tmp/f"study-{workers}x{threads}"
+    sp = tmp/"specs.json"
+    sp.write_text(json.dumps([s.to_json() for s in specs]))
+    code = textwrap.dedent(CHILD.format(threads=threads, workers=workers, specs=str(sp), study=str(study)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    load, cpu0, t0 = os.getloadavg()[0], _cpu_children(), time.time()
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    wall, cpu = time.time() - t0, _cpu_children() - cpu0
+    if p.returncode != 0: raise RuntimeError(f"split {workers}x{threads} failed:\n{p.stderr[-3000:]}")
+    res = json.loads(next(l for l in p.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    if res["status"] != ["done"]: raise RuntimeError(f"split {workers}x{threads}: not every run finished ({res['status']})")
+    cores = cpu_cores()
+    return dict(workers=workers, threads=threads, runs=len(specs), wall_seconds=round(wall, 2), grid_seconds=round(res["seconds"], 2),
+                runs_per_hour=round(len(specs) / wall * 3600, 1), cpu_seconds=round(cpu, 2), top_cpu_seconds=round(res["own_cpu"], 2),
+                utilisation=round(cpu / (wall * cores), 3), load_before=round(load, 2), metrics=res["metrics"])
+
+
+def splits_for(cores:int) -> list[tuple[int, int]]:
+    "1 worker x all cores, all cores x 1 thread, and halves in between on larger machines."
+    out = [(1, cores), (max(2, cores), 1)]
+    w = cores // 2
+    while w >= 2:
+        if cores % w == 0 and (w, cores // w) not in out: out.append((w, cores // w))
+        w //= 2
+    return out
+
+
+def report(r:dict) -> str:
+    rows = "\n".join(f"| {s['workers']} x {s['threads']} | {s['runs']} | {s['wall_seconds']:.1f} | {s['runs_per_hour']:.0f} | "
+                     f"{s['cpu_seconds']:.1f} | {100 * s['utilisation']:.0f}% | {s['load_before']:.2f} |" for s in r["splits"])
+    best = max(r["splits"], key=lambda s: s["runs_per_hour"])
+    return (f"# Grid throughput: {r['grid']}\n\nMachine: {r['machine']} ({r['cores']} usable cores), Python {r['python']}.\n\n"
+            "| workers x threads | runs | wall s | runs/hour | CPU s (process tree) | CPU utilisation | load before |\n"
+            "|---|---|---|---|---|---|---|\n" + rows +
+            f"\n\nFastest: {best['workers']} x {best['threads']}. Same metrics in every split (4 decimals): {r['same_metrics']}.\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="4 runs of the tiny grid, splits 1x2 and 2x1: checks the benchmark runs")
+    ap.add_argument("--demo", action="store_true", help="the demo preset's grid instead of the tiny one (long)")
+    ap.add_argument("--section", default="4.1", help="the paper section whose grid is run (default: 4.1)")
+    ap.add_argument("--splits", nargs="+", default=None, metavar="WxT", help="splits to run, e.g. 1x2 2x1 (default: from the cores)")
+    ap.add_argument("--out", default="bench/results", help="folder for grid.json and grid.md")
+    a = ap.parse_args(argv)
+    preset = "demo" if a.demo else "tiny"
+    specs = section_grid(a.section, preset)
+    if a.smoke: specs = specs[:4]
+    cores = cpu_cores()
+    splits = ([tuple(map(int, s.lower().split("x"))) for s in a.splits] if a.splits else
+              [(1, 2), (2, 1)] if a.smoke else splits_for(cores))
+    out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = []
+        for w, t in splits:
+            print(f"{w} worker(s) x {t} thread(s): {len(specs)} runs ...", flush=True)
+            done.append(run_split(specs, w, t, Path(tmp)))
+            print(f"  {done[-1]['wall_seconds']:.1f} s, {done[-1]['runs_per_hour']:.0f} runs/hour, "
+                  f"CPU utilisation {100 * done[-1]['utilisation']:.0f}%", flush=True)
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    r = dict(grid=f"section {a.section}, preset {preset}" + (" (first 4 runs)" if a.smoke else ""), cores=cores, machine=cpu,
+             python=platform.python_version(), splits=done,
+             same_metrics=all(s["metrics"] == done[0]["metrics"] for s in done))
+    (out/"grid.json").write_text(json.dumps(r, indent=1))
+    (out/"grid.md").write_text(report(r))
+    print(report(r))
+    if not r["same_metrics"]: print("bench_grid: the splits gave different metrics", file=sys.stderr); return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
