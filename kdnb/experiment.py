@@ -831,7 +831,7 @@ def _data(spec:Spec, train_languages, test_languages, old2new):
     "Tokenized `train`/`dev` (of `train_languages`, subsetted) and `test` (of `test_languages`) splits."
     from datasets import DatasetDict
     from kdnb.data import load_benchmark, stratified_subset, tokenize
-    from kdnb.models import remap_ids
+    from kdnb.models import remap_ids, tokenizer_map
     task, _ = _task(spec)
     tok = _tokenizer(spec.model)
     lang = lambda v: v if isinstance(v, str) else list(v)
@@ -849,7 +849,8 @@ def _data(spec:Spec, train_languages, test_languages, old2new):
                 for k in ("dev", "test"):
                     if k in splits: splits[k] = stratified_subset(splits[k], spec.eval_subset, seed=0)
             dd = tokenize(DatasetDict(splits), tok, task, max_length=spec.max_length)
-            return dd if old2new is None else remap_ids(dd, old2new)
+            m = tokenizer_map(tok, old2new)   # None: `tok` is a self-contained folder's trimmed tokenizer
+            return dd if m is None else remap_ids(dd, m)
         sizes = (spec.subset, spec.train_sample) if which == "train" else ()
         return _memo(("data", which, spec.model, spec.dataset, langs, *sizes, spec.eval_subset, spec.max_length,
                       spec.trim), make)

