@@ -217,3 +217,13 @@ def test_own_teacher_from_trimmed_kdnb_folder(tmp_path):
     assert by.loc["teacher", "test_f1"] == results(study).set_index("spec_id").loc[t.spec_id, "test_f1"]
     best = study/"runs"/own[1].spec_id/"best"
     assert len(AutoTokenizer.from_pretrained(best)) == len(tok)   # the student keeps the teacher's (trimmed) rows
+    # its export loads with plain transformers and predicts what kdnb's evaluation predicted
+    from transformers import pipeline
+    from kdnb.data import load_benchmark
+    from kdnb.export import export_student
+    from kdnb.stats import PREDICTIONS, read_predictions
+    out = export_student(study, own[1].spec_id, tmp_path/"exported")
+    assert "exactly the ids kdnb's evaluation used" in (out/"README.md").read_text()
+    test = load_benchmark(own[1].dataset)["test"]
+    labels = [p["label"] for p in pipeline("text-classification", model=str(out))(list(test["text"]), truncation=True)]
+    assert labels == list(read_predictions(best.parent/PREDICTIONS).pred)
