@@ -815,7 +815,7 @@ def _keep_ids(spec:Spec, study_dir):
 def _base_model(spec:Spec, study_dir):
     "The pre-trained model of `spec` with a fresh task head, trimmed when `spec.trim`."
     import transformers
-    from kdnb.models import tiny_model, load_model, trim_vocab
+    from kdnb.models import tiny_model, load_model, trim_vocab, vocab_map
     task, labels = _task(spec)
     transformers.set_seed(spec.seed)  # the new head's weights
     name = spec.base or spec.model   # an own teacher's `base`, else the model
@@ -825,6 +825,8 @@ def _base_model(spec:Spec, study_dir):
         m.config.name_or_path = name
     else: m = load_model(name, task, labels)
     if spec.trim: m, _ = trim_vocab(m, _keep_ids(spec, study_dir))
+    if spec.teacher is not None and (t := vocab_map(spec.teacher)) is not None and m.config.vocab_size == len(t):
+        m, _ = trim_vocab(m, (t >= 0).nonzero().flatten())   # a trimmed own teacher: the base keeps the teacher's rows
     return m
 
 def _data(spec:Spec, train_languages, test_languages, old2new):

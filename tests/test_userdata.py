@@ -227,3 +227,21 @@ def test_own_teacher_from_trimmed_kdnb_folder(tmp_path):
     test = load_benchmark(own[1].dataset)["test"]
     labels = [p["label"] for p in pipeline("text-classification", model=str(out))(list(test["text"]), truncation=True)]
     assert labels == list(read_predictions(best.parent/PREDICTIONS).pred)
+
+
+def test_own_trimmed_teacher_from_base_gets_the_teachers_rows(tmp_path):
+    "A from-base student of a trimmed own teacher copies the base's rows of the teacher's kept tokens, in the teacher's order."
+    import torch
+    from kdnb.experiment import ensure_teacher, _base_model
+    from kdnb.models import embedded_model_path, load_base, vocab_map
+    csv = str(_csv(tmp_path/"intents.csv", _rows()))
+    study = tmp_path/"study"
+    t = Spec(**TINY | {"model": "embedded"}, dataset=csv, init="teacher", trim=True)
+    run_grid([t], study, progress=False)
+    folder, base = str(ensure_teacher(t, study)), str(embedded_model_path())
+    s = Spec(**TINY | {"model": "embedded"}, dataset=csv, teacher=folder, base=base, init="from-base", kd=True)
+    kept = (vocab_map(folder) >= 0).nonzero().flatten()
+    emb = _base_model(s, study).get_input_embeddings().weight
+    assert torch.equal(emb, load_base(base).get_input_embeddings().weight[kept])
+    df = run_grid([s], study, progress=False)
+    assert df.status[0] == "done" and 0 <= df.test_f1[0] <= 1
