@@ -220,9 +220,19 @@ def _worker(conn, # the pipe to the scheduler
             conn.send((state, kind, spec.spec_id, err))
     except KeyboardInterrupt: return
 
+def _exit_with_parent(every:float=1.0, # seconds between looks at the parent process
+                     ):
+    "Exit this process as soon as the process that started it is gone, so a killed scheduler leaves no orphan training on."
+    ppid = os.getppid()
+    def look():
+        while os.getppid() == ppid: time.sleep(every)
+        os._exit(3)   # the spec's claim dies with this pid: another process takes it over
+    threading.Thread(target=look, name="kdnb-exit-with-parent", daemon=True).start()
+
 def _worker_main(fd:int):
     "Entry point of a worker process (`python -c`): the scheduler's pipe is file descriptor `fd`; the first message holds `_worker`'s arguments."
     from multiprocessing.connection import Connection
+    _exit_with_parent()
     conn = Connection(fd)
     try: args = conn.recv()
     except (EOFError, KeyboardInterrupt): return

@@ -102,6 +102,39 @@ def test_killed_worker_spec_is_taken_over(tmp_path):
     assert st.integrity() == "ok"
 
 
+def test_killed_scheduler_leaves_no_worker_behind(tmp_path):
+    "A scheduler killed with SIGKILL (a papermill kernel stopped, a Ctrl-C'd batch) takes its workers with it."
+    study, log = tmp_path/"study", tmp_path/"log.txt"
+    (tmp_path/"slow_runner.py").write_text(SLOW.format(log=str(log)))
+    specs = [Spec(**{**BASE, "init": "from-scratch", "kd": False, "seed": i}) for i in range(2)]
+    script = tmp_path/"grid.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(tmp_path)!r})
+        from slow_runner import runner
+        from kdnb.experiment import Spec, run_grid
+        run_grid([Spec.from_json(s) for s in {[s.to_json() for s in specs]!r}], {str(study)!r}, runner=runner,
+                 progress=False, workers=2, poll=0.2)
+        """))
+    p = subprocess.Popen([sys.executable, str(script)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (log.exists() and f"start {specs[0].spec_id}" in log.read_text()):
+        assert p.poll() is None and time.time() < deadline, "the slow spec never started"
+        time.sleep(0.05)
+    worker = int(next(l.split()[2] for l in log.read_text().splitlines() if l.startswith(f"start {specs[0].spec_id}")))
+    assert worker != p.pid
+    os.kill(p.pid, signal.SIGKILL); p.wait()
+    def alive(pid):
+        try: os.kill(pid, 0)
+        except ProcessLookupError: return False
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    deadline = time.time() + 15
+    while alive(worker) and time.time() < deadline: time.sleep(0.1)
+    still = alive(worker)
+    if still: os.kill(worker, signal.SIGKILL)
+    assert not still, "the worker kept running after its scheduler was killed"
+    assert f"done {specs[0].spec_id}" not in log.read_text()    # it did not finish the 60 s spec as an orphan
+
+
 def test_batch_log_output_streams_the_notebooks_output(tmp_path):
     "`kdnb batch --log-output` shows what the notebooks print while they run; without it, it does not."
     import nbformat
