@@ -299,8 +299,8 @@ def register_datasets(d:dict, # {name: {"path": source, and register_benchmark o
 _HEAD = {"classification": "ForSequenceClassification", "ner": "ForTokenClassification"}
 
 def _config(name, what):
-    from transformers import AutoConfig
-    try: return AutoConfig.from_pretrained(name)
+    from kdnb.models import model_config
+    try: return model_config(name)   # also "embedded", offline
     except Exception as e:
         raise FileNotFoundError(f"Spec.{what}={name!r}: cannot read its config ({type(e).__name__}: {str(e).strip()[:200]}). "
                                 "Give a folder saved with save_pretrained (config.json, weights, tokenizer), or a hub id "

