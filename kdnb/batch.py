@@ -41,7 +41,7 @@ def analysis_dir(path=None, # explicit folder of analysis notebooks
 # %% ../nbs/11_batch.ipynb #3ecdf38e
 import asyncio
 from queue import Empty
-from traitlets import Any as AnyTrait, Float
+from traitlets import Any as AnyTrait, Bool, Float
 from nbformat.v4 import new_output
 from nbclient.exceptions import CellExecutionError, CellTimeoutError
 from nbclient.util import ensure_async, run_sync
@@ -81,6 +81,12 @@ class GuardedClient(PapermillNotebookClient):
     probe_interval = Float(5., help="s of silence after which the guard asks the kernel (kernel_info on shell) whether it is idle").tag(config=True)
     reply_timeout = Float(120., allow_none=True, help="s to wait for the kernel_info reply after the last cell").tag(config=True)
     on_stall = AnyTrait(None, allow_none=True, help="callable(reason) called when a stall is detected").tag(config=True)
+    mimic_output_widgets = Bool(False, help="play the front-end of ipywidgets `Output` widgets (nbclient's default), "
+                                "which sends comm messages to the kernel while a cell runs; off: their outputs go to the cell").tag(config=True)
+
+    def __init__(self, nb_man, km=None, **kw):
+        super().__init__(nb_man, km=km, **kw)
+        if not self.mimic_output_widgets: self.widget_registry = {}   # no OutputWidget: nothing is sent to the kernel mid-cell
 
     async def async_start_new_kernel_client(self, **kwargs):
         kc = await super().async_start_new_kernel_client(**kwargs)
@@ -115,10 +121,14 @@ class GuardedClient(PapermillNotebookClient):
 
     def _note(self, name, msg):
         self._last_msg, parent = time.monotonic(), (msg.get("parent_header") or {}).get("msg_id")
-        if name == "iopub" and msg["msg_type"] == "status": self._status = (msg["content"]["execution_state"], time.monotonic())
+        if name == "iopub" and msg["msg_type"] == "status": self._set_status(msg["content"]["execution_state"])
         if name == "shell" and parent is not None:
             if parent == self._pending: self._pending = None
-            elif self._probe and parent == self._probe[0]: self._status = ("idle", time.monotonic())   # not running our cell
+            elif self._probe and parent == self._probe[0]: self._set_status("idle")   # it answers: not running our cell
+
+    def _set_status(self, state):
+        "Note the kernel's state and since when it has been in it (repeated idles, e.g. from probes, keep the first time)."
+        if self._status is None or self._status[0] != state: self._status = (state, time.monotonic())
 
     def _fake_reply(self):
         "The execute_reply the kernel did not send: an error naming the stall (as nbclient's `error_on_timeout` does)."
