@@ -41,22 +41,23 @@ import threading
 t = threading.Timer(args["timeout"] - 5, diagnose); t.daemon = True; t.start()
 faulthandler.dump_traceback_later(args["timeout"] - 3, exit=False)   # where the threads are, if it hangs
 import papermill as pm
-kw = {}
-if args["engine"] == "kdnb":
-    from kdnb.batch import register_engine; kw = dict(engine_name=register_engine(), stall_timeout=args["stall_timeout"])
+execute, kw = pm.execute_notebook, dict(progress_bar=False)
+if args["engine"] == "kdnb":   # what kdnb batch runs: the guarded engine, with kdnb's defaults unless given
+    from kdnb.batch import execute_notebook as execute
+    kw = {k: args[k] for k in ("stall_timeout", "idle_timeout") if args[k] is not None}
 t0 = time.time()
 try:
-    pm.execute_notebook(args["notebook"], args["output"], parameters=args["parameters"], kernel_name=args["kernel"],
-                        progress_bar=False, **kw)
+    execute(args["notebook"], args["output"], parameters=args["parameters"], kernel_name=args["kernel"], **kw)
     print(json.dumps(dict(status="ok", seconds=time.time() - t0)))
 except Exception as e:
     print(json.dumps(dict(status="failed", seconds=time.time() - t0, error=f"{type(e).__name__}: {str(e).strip()[-300:]}")))
 """
 
-def run_once(notebook, parameters, kernel, engine, timeout, stall_timeout, out_dir, i):
+def run_once(notebook, parameters, kernel, engine, timeout, stall_timeout, idle_timeout, out_dir, i):
     "One child-process execution; returns a dict with status ok / failed / hang, seconds and details."
     args = dict(notebook=str(notebook), output=str(Path(out_dir)/f"run{i:03d}.ipynb"), parameters=parameters,
-                kernel=kernel, engine=engine, timeout=timeout, stall_timeout=stall_timeout)
+                kernel=kernel, engine=engine, timeout=timeout, stall_timeout=stall_timeout,
+                idle_timeout=idle_timeout)
     t0 = time.time()
     p = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
@@ -81,6 +82,7 @@ def main():
     ap.add_argument("--kernel", default=None, help="kernel name (e.g. a kernelspec with ipykernel 6)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds before a run counts as hung")
     ap.add_argument("--stall-timeout", type=float, default=None, help="kdnb engine: busy-and-silent limit (default kdnb's)")
+    ap.add_argument("--idle-timeout", type=float, default=None, help="kdnb engine: idle-with-reply-missing limit (default kdnb's)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=JSON", help="extra notebook parameter")
     ap.add_argument("--log", default=None, help="append one JSON line per run to this file")
     ap.add_argument("--keep", default=None, help="keep the executed notebooks (and a hung run's stderr) in this folder")
@@ -91,7 +93,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(a.keep or tmp); out_dir.mkdir(parents=True, exist_ok=True)
         for i in range(a.n):
-            r = run_once(a.notebook, params, a.kernel, a.engine, a.timeout, a.stall_timeout, out_dir, i)
+            r = run_once(a.notebook, params, a.kernel, a.engine, a.timeout, a.stall_timeout, a.idle_timeout, out_dir, i)
             counts[r["status"]] += 1
             r.update(run=i, engine=a.engine, kernel=a.kernel)
             if a.log:
