@@ -148,8 +148,8 @@ class GuardedClient(PapermillNotebookClient):
             silent, (state, since) = now - self._last_msg, self._status or ("busy", self._last_msg)
             if state == "idle" and self.idle_timeout is not None and now - since >= self.idle_timeout:
                 return f"cell {cell_index}: the kernel has been idle for {now - since:.0f} s but the cell's reply never came (lost reply)"
-            if silent >= self.probe_interval and (self._probe is None or now - self._probe[1] >= self.probe_interval):
-                self._probe = (self.kc.kernel_info(), now)   # answered only when the kernel is not running our cell
+            if silent >= self.probe_interval and self._probe is None:   # one probe per cell: it waits behind a running cell
+                self._probe = (self.kc.kernel_info(), now)   # so it is answered only when the kernel is not running our cell
             if self.stall_timeout is None: continue
             cpu.append((now, _cpu_seconds(pid)))
             while len(cpu) > 2 and cpu[1][0] <= now - self.stall_timeout: cpu.pop(0)
