@@ -259,6 +259,8 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
     "Execute every analysis notebook for `preset` into a dated folder; return the folder."
     from kdnb.train import BF16_ENV, resolve_bf16
     if preset not in PRESETS: raise ValueError(f"Unknown preset {preset!r}; use one of {PRESETS}.")
+    for k, v in dict(stall_timeout=stall_timeout, idle_timeout=idle_timeout).items():
+        if v is not None and not v > 0: raise ValueError(f"{k} must be a positive number of seconds, or None for never; got {v!r}.")
     src = analysis_dir(notebooks_dir)
     names = [Path(n).stem for n in (notebooks or NOTEBOOKS)]
     if missing := [n for n in names if not (src/f"{n}.ipynb").exists()]:

@@ -97,3 +97,10 @@ def test_cli_flags():
     assert rb.call_args.kwargs["stall_timeout"] is None and rb.call_args.kwargs["idle_timeout"] == 5.0
     a = ap.parse_args(["batch"])
     assert (a.stall_timeout, a.idle_timeout) == (B.STALL_TIMEOUT, B.IDLE_TIMEOUT)
+
+
+def test_bad_timeouts(src, tmp_path):
+    for kw in (dict(stall_timeout=0), dict(idle_timeout=-1)):
+        with pytest.raises(ValueError, match="must be a positive number of seconds"):
+            run_batch("tiny", folder=tmp_path/"out", notebooks=["report"], notebooks_dir=src, progress=False, **kw)
+    assert not (tmp_path/"out").exists()   # raised before any work
