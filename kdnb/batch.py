@@ -10,8 +10,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['NOTEBOOKS', 'PRESETS', 'BATCH_HELP', 'analysis_dir', 'BatchError', 'batch_folder', 'run_batch', 'batch_arguments',
-           'add_batch_parser', 'batch_main']
+__all__ = ['NOTEBOOKS', 'PRESETS', 'STALL_TIMEOUT', 'IDLE_TIMEOUT', 'BATCH_HELP', 'analysis_dir', 'KernelStalled',
+           'GuardedClient', 'GuardedEngine', 'execute_notebook', 'BatchError', 'batch_folder', 'run_batch',
+           'batch_arguments', 'add_batch_parser', 'batch_main']
 
 # %% ../nbs/11_batch.ipynb #5928aae3
 NOTEBOOKS = ("4_1_weight_copy", "4_2_zero_shot", "4_3_english_teacher", "5_1_copy_only", "5_2_subsets",
@@ -36,6 +37,189 @@ def analysis_dir(path=None, # explicit folder of analysis notebooks
         if c.is_dir() and (c/"report.ipynb").exists(): return c
     raise FileNotFoundError("No analysis notebooks found: run from a kdnb checkout (they are in nbs/analysis), "
                             "or point KDNB_ANALYSIS_DIR (or --notebooks-dir) at them.")
+
+# %% ../nbs/11_batch.ipynb #3ecdf38e
+import asyncio
+from queue import Empty
+from traitlets import Any as AnyTrait, Bool, Float
+from nbformat.v4 import new_output
+from nbclient.exceptions import CellExecutionError, CellTimeoutError
+from nbclient.util import ensure_async, run_sync
+from papermill.clientwrap import PapermillNotebookClient
+from papermill.engines import NBClientEngine, papermill_engines
+from papermill.log import logger
+from papermill.utils import remove_args
+
+STALL_TIMEOUT = 1800. # s a busy kernel may go without a message *and* without using CPU before it counts as stalled
+IDLE_TIMEOUT = 20. # s a kernel may sit idle while the running cell's reply is missing
+
+class KernelStalled(CellExecutionError):
+    "A cell stopped making progress (a lost reply, or a silent kernel using no CPU); the kernel was interrupted."
+    def __init__(self, reason:str): super().__init__(f"KernelStalled: {reason}", "KernelStalled", reason)
+
+def _cpu_seconds(pid:int|None, # a process id
+                ) -> float|None:
+    "CPU seconds used so far by process `pid` and its live descendants (Linux `/proc`); None where unreadable."
+    def stat(p):
+        try: f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError): return None
+        return int(f[1]), (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")   # ppid, utime + stime
+    if pid is None or (own := stat(pid)) is None: return None
+    kids, total = {}, own[1]
+    for d in os.listdir("/proc"):
+        if d.isdigit() and (s := stat(d)) is not None: kids.setdefault(s[0], []).append((int(d), s[1]))
+    todo = [pid]
+    while todo:
+        for c, cpu in kids.get(todo.pop(), []): total += cpu; todo.append(c)
+    return total
+
+# %% ../nbs/11_batch.ipynb #edfb42cd
+class GuardedClient(PapermillNotebookClient):
+    "papermill's notebook client with a liveness guard: a stalled cell is interrupted and fails with the reason."
+    stall_timeout = Float(STALL_TIMEOUT, allow_none=True, help="s busy, silent and CPU-idle before a cell is stalled (None: never)").tag(config=True)
+    idle_timeout = Float(IDLE_TIMEOUT, allow_none=True, help="s idle with the cell's reply missing before it is stalled (None: never)").tag(config=True)
+    probe_interval = Float(5., help="s of silence after which the guard asks the kernel (kernel_info on shell) whether it is idle").tag(config=True)
+    reply_timeout = Float(120., allow_none=True, help="s to wait for the kernel_info reply after the last cell").tag(config=True)
+    on_stall = AnyTrait(None, allow_none=True, help="callable(reason) called when a stall is detected").tag(config=True)
+    mimic_output_widgets = Bool(False, help="play the front-end of ipywidgets `Output` widgets (nbclient's default), "
+                                "which sends comm messages to the kernel while a cell runs; off: their outputs go to the cell").tag(config=True)
+
+    def __init__(self, nb_man, km=None, **kw):
+        super().__init__(nb_man, km=km, **kw)
+        if not self.mimic_output_widgets: self.widget_registry = {}   # no OutputWidget: nothing is sent to the kernel mid-cell
+
+    async def async_start_new_kernel_client(self, **kwargs):
+        kc = await super().async_start_new_kernel_client(**kwargs)
+        self._watch(self.kc)
+        return kc
+
+    def _watch(self, kc):
+        "Wrap the client's shell/IOPub `get_msg` (re-poll every second, note each message) and `execute` (note the msg id)."
+        self._last_msg, self._status, self._pending, self._stalled, self._probe = time.monotonic(), None, None, None, None
+        for name in ("shell", "iopub"):
+            chan = getattr(kc, f"{name}_channel")
+            chan.get_msg = self._guarded_get(chan.get_msg, name)
+        execute = kc.execute
+        def guarded_execute(*a, **k):
+            self._pending, self._status, self._last_msg = execute(*a, **k), None, time.monotonic()
+            return self._pending
+        kc.execute = guarded_execute
+
+    def _guarded_get(self, get, name):
+        async def get_msg(timeout=None):
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if name == "shell" and self._stalled and self._pending: return self._fake_reply()
+                left = 1. if deadline is None else min(1., max(0., deadline - time.monotonic()))
+                try: msg = await get(timeout=left)   # a fresh poll each second: a missed wake-up costs a second, not forever
+                except Empty:
+                    if deadline is not None and time.monotonic() >= deadline: raise
+                    continue
+                self._note(name, msg)
+                return msg
+        return get_msg
+
+    def _note(self, name, msg):
+        self._last_msg, parent = time.monotonic(), (msg.get("parent_header") or {}).get("msg_id")
+        if name == "iopub" and msg["msg_type"] == "status": self._set_status(msg["content"]["execution_state"])
+        if name == "shell" and parent is not None:
+            if parent == self._pending: self._pending = None
+            elif self._probe and parent == self._probe[0]: self._set_status("idle")   # it answers: not running our cell
+
+    def _set_status(self, state):
+        "Note the kernel's state and since when it has been in it (repeated idles, e.g. from probes, keep the first time)."
+        if self._status is None or self._status[0] != state: self._status = (state, time.monotonic())
+
+    def _fake_reply(self):
+        "The execute_reply the kernel did not send: an error naming the stall (as nbclient's `error_on_timeout` does)."
+        msg_id, self._pending = self._pending, None
+        content = dict(status="error", ename="KernelStalled", evalue=self._stalled, traceback=[f"KernelStalled: {self._stalled}"])
+        return dict(header=dict(msg_type="execute_reply", msg_id=f"kdnb-{msg_id}", date=datetime.datetime.now(datetime.timezone.utc)),
+                    parent_header=dict(msg_id=msg_id), msg_type="execute_reply", metadata={}, content=content)
+
+    async def _guard(self, cell_index):
+        "Check the running cell every second; return the reason once it is stalled."
+        pid = getattr(getattr(self.km, "provisioner", None), "pid", None)
+        cpu = [(time.monotonic(), _cpu_seconds(pid))]
+        while True:
+            await asyncio.sleep(1.)
+            if self._pending is None: continue   # no reply outstanding (not sent yet, or already in)
+            now = time.monotonic()
+            silent, (state, since) = now - self._last_msg, self._status or ("busy", self._last_msg)
+            if state == "idle" and self.idle_timeout is not None and now - since >= self.idle_timeout:
+                return f"cell {cell_index}: the kernel has been idle for {now - since:.0f} s but the cell's reply never came (lost reply)"
+            if silent >= self.probe_interval and self._probe is None:   # one probe per cell: it waits behind a running cell
+                self._probe = (self.kc.kernel_info(), now)   # so it is answered only when the kernel is not running our cell
+            if self.stall_timeout is None: continue
+            cpu.append((now, _cpu_seconds(pid)))
+            while len(cpu) > 2 and cpu[1][0] <= now - self.stall_timeout: cpu.pop(0)
+            (t0, c0), (_, c1) = cpu[0], cpu[-1]
+            if (silent >= self.stall_timeout and now - t0 >= self.stall_timeout and None not in (c0, c1)
+                and c1 - c0 < 0.01 * (now - t0)):
+                return (f"cell {cell_index}: the kernel has been busy for {silent:.0f} s without a message, using "
+                        f"{c1 - c0:.1f} s of CPU (blocked, not computing)")
+
+    async def async_execute_cell(self, cell, cell_index, execution_count=None, store_history=True):
+        "Execute a cell as nbclient does, under the guard: a stalled cell is interrupted and raises `KernelStalled`."
+        if cell.cell_type != "code" or not cell.source.strip() or not hasattr(self, "_last_msg"):
+            return await super().async_execute_cell(cell, cell_index, execution_count, store_history)
+        self._pending, self._stalled, self._probe, self._last_msg = None, None, None, time.monotonic()
+        guard = asyncio.ensure_future(self._guard(cell_index))
+        run = asyncio.ensure_future(super().async_execute_cell(cell, cell_index, execution_count, store_history))
+        await asyncio.wait({run, guard}, return_when=asyncio.FIRST_COMPLETED)
+        if run.done(): guard.cancel()
+        else:
+            self._stalled = guard.result()
+            self.log.error(f"kdnb: {self._stalled}; interrupting the kernel")
+            if self.on_stall: self.on_stall(self._stalled)
+            try: await ensure_async(self.km.interrupt_kernel())
+            except Exception as e: self.log.warning(f"kdnb: could not interrupt the kernel: {e}")
+        try: return await run   # the reply, the kernel's error after the interrupt, or the fake reply
+        except (CellExecutionError, CellTimeoutError):   # CellTimeoutError: no IOPub idle after the stall
+            if not self._stalled: raise
+        first_error = next((i for i, o in enumerate(cell.outputs) if o.output_type == "error"), len(cell.outputs))
+        cell.outputs.insert(first_error, new_output("error", ename="KernelStalled", evalue=self._stalled,
+                                                    traceback=[f"KernelStalled: {self._stalled}; the kernel was interrupted"]))
+        raise KernelStalled(self._stalled)
+
+    async def async_wait_for_reply(self, msg_id, cell=None):
+        "nbclient's wait, bounded by `reply_timeout` for requests outside cells (papermill's final kernel_info)."
+        if cell is not None or self.reply_timeout is None: return await super().async_wait_for_reply(msg_id, cell)
+        try: return await asyncio.wait_for(super().async_wait_for_reply(msg_id, cell), self.reply_timeout)
+        except asyncio.TimeoutError:
+            raise KernelStalled(f"no reply to kernel_info in {self.reply_timeout:g} s"
+                                + (f" after {self._stalled}" if getattr(self, "_stalled", None) else "")) from None
+
+    # nbclient's blocking names wrap the base class's coroutines: point them at these
+    start_new_kernel_client = run_sync(async_start_new_kernel_client)
+    execute_cell = run_sync(async_execute_cell)
+    wait_for_reply = _wait_for_reply = run_sync(async_wait_for_reply)
+
+# %% ../nbs/11_batch.ipynb #df157b7d
+class GuardedEngine(NBClientEngine):
+    "papermill's nbclient engine executing with `GuardedClient` (papermill engine name `kdnb`)."
+    @classmethod
+    def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None, stderr_file=None,
+                                 start_timeout=60, execution_timeout=None, **kwargs):
+        kwargs = remove_args(["input_path", "timeout", "startup_timeout"], **kwargs)
+        return GuardedClient(nb_man, timeout=execution_timeout, startup_timeout=start_timeout, kernel_name=kernel_name,
+                             log=logger, log_output=log_output, stdout_file=stdout_file, stderr_file=stderr_file,
+                             **kwargs).execute()
+
+papermill_engines.register("kdnb", GuardedEngine)
+
+def execute_notebook(src, # notebook to execute
+                     dst, # where to write the executed notebook
+                     parameters:dict|None=None, # papermill parameters
+                     stall_timeout:float|None=STALL_TIMEOUT, # s busy, silent and CPU-idle before a cell is stalled (None: never)
+                     idle_timeout:float|None=IDLE_TIMEOUT, # s idle with a cell's reply missing before it is stalled (None: never)
+                     on_stall=None, # callable(reason) called as soon as a stall is detected
+                     **kwargs, # more `papermill.execute_notebook` arguments (kernel_name, log_output, cwd...)
+                    ):
+    "Execute a notebook with papermill under kdnb's liveness guard; a stalled cell raises papermill's error naming `KernelStalled`."
+    import papermill as pm
+    return pm.execute_notebook(str(src), str(dst), parameters=parameters, engine_name="kdnb", progress_bar=False,
+                               stall_timeout=stall_timeout, idle_timeout=idle_timeout, on_stall=on_stall, **kwargs)
 
 # %% ../nbs/11_batch.ipynb #757e4c00
 class BatchError(RuntimeError):
@@ -71,13 +255,16 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
               bf16:bool|None=None, # True/False: train in bf16 or fp32 (sets `KDNB_BF16`); None: kdnb's "auto"
               report_to:str|list|None=None, # trackers every training reports to (sets `KDNB_REPORT_TO`); None: as set
               workers:int|str|None="auto", # worker processes per grid (sets `KDNB_WORKERS`): an int, `auto`, None (leave it)
+              stall_timeout:float|None=STALL_TIMEOUT, # s a busy kernel may be silent *and* CPU-idle before its notebook fails (None: never)
+              idle_timeout:float|None=IDLE_TIMEOUT, # s a kernel may sit idle with a cell's reply missing before its notebook fails (None: never)
              ) -> Path:
     "Execute every analysis notebook for `preset` into a dated folder; return the folder."
-    import papermill as pm
     from kdnb.train import BF16_ENV, resolve_bf16
     from kdnb.parallel import WORKERS_ENV, plan_workers, batch_specs, watch
     from kdnb.experiment import Store
     if preset not in PRESETS: raise ValueError(f"Unknown preset {preset!r}; use one of {PRESETS}.")
+    for k, v in dict(stall_timeout=stall_timeout, idle_timeout=idle_timeout).items():
+        if v is not None and not v > 0: raise ValueError(f"{k} must be a positive number of seconds, or None for never; got {v!r}.")
     src = analysis_dir(notebooks_dir)
     names = [Path(n).stem for n in (notebooks or NOTEBOOKS)]
     if missing := [n for n in names if not (src/f"{n}.ipynb").exists()]:
@@ -94,7 +281,7 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
     if report_to is not None: env[REPORT_ENV] = ",".join(resolve_report_to(report_to)) or "none"
     log = dict(command=" ".join(map(shlex.quote, sys.argv)), preset=preset, parameters=params, precision=precision, workers=workers,
                report_to=env.get(REPORT_ENV, os.environ.get(REPORT_ENV, "none")),
-               started=time.strftime("%Y-%m-%d %H:%M:%S"),
+               stall_timeout=stall_timeout, idle_timeout=idle_timeout, started=time.strftime("%Y-%m-%d %H:%M:%S"),
                host=platform.node(), python=sys.version.split()[0], versions=_versions(), notebooks=[])
     bar = tqdm(names, desc=f"kdnb batch {preset}", unit="notebook", disable=not progress)
     if specs := batch_specs(names, preset, params): Store(study_dir).register(specs)   # the whole batch's plan, for one ETA
@@ -103,8 +290,9 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
             bar.set_postfix_str(name); runs.note = name
             t0, status, error = time.time(), "ok", None
             try:
-                pm.execute_notebook(str(src/f"{name}.ipynb"), str(folder/f"{name}.ipynb"), parameters=params,
-                                    kernel_name=kernel_name, progress_bar=False, log_output=log_output, cwd=str(Path.cwd()))
+                execute_notebook(src/f"{name}.ipynb", folder/f"{name}.ipynb", parameters=params, kernel_name=kernel_name,
+                                 log_output=log_output, cwd=str(Path.cwd()), stall_timeout=stall_timeout, idle_timeout=idle_timeout,
+                                 on_stall=lambda reason, name=name: tqdm.write(f"kdnb batch: {name} stalled: {reason}; interrupting it."))
             except Exception as e:
                 status, error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 tqdm.write(f"kdnb batch: {name} failed ({error}); continuing. See {folder/f'{name}.ipynb'}.")
@@ -125,7 +313,8 @@ def _write_log(folder, log):
         f"# kdnb batch: preset `{log['preset']}`\n\nCommand: `{log['command']}`  \nStarted {log['started']} on "
         f"{log['host']} (Python {log['python']}; " + ", ".join(f"{k} {v}" for k, v in log["versions"].items()) + ")\n\n"
         f"Parameters: `{json.dumps(log['parameters'])}`; precision: {log.get('precision', 'fp32')}\n\n| notebook | status | seconds |\n|---|---|---|\n{rows}\n"
-        f"| total | | {total:.0f} |\n\nExecuted notebooks (`*.ipynb`, figures embedded), tables (`*.csv`, `*.md`) and "
+        f"| total | | {total:.0f} |\n\n" + "".join(f"- {n['name']} failed: {n['error']}\n" for n in log["notebooks"] if n.get("error"))
+        + "\nExecuted notebooks (`*.ipynb`, figures embedded), tables (`*.csv`, `*.md`) and "
         f"figures (`*.png`) are in this folder; `report.ipynb` sets them beside the paper.\n")
 
 # %% ../nbs/11_batch.ipynb #72baaccb
@@ -159,6 +348,10 @@ def batch_arguments(p:argparse.ArgumentParser, # the `batch` subcommand's parser
     p.add_argument("--workers", default="auto", help="worker processes per grid: an int, or auto (one per core on CPU, one "
                    "per GPU) (default: auto); sets KDNB_WORKERS for the notebooks")
     p.add_argument("--log-output", action="store_true", help="stream the notebooks' own output (papermill log_output)")
+    p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="S",
+                   help=f"fail a notebook whose kernel is busy but silent and CPU-idle for S seconds; 0: never (default {STALL_TIMEOUT:g})")
+    p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="S",
+                   help=f"fail a notebook whose kernel sits idle for S seconds with a cell's reply missing; 0: never (default {IDLE_TIMEOUT:g})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -180,7 +373,8 @@ def batch_main(args:argparse.Namespace, # parsed arguments of `batch_arguments`
         folder = run_batch(args.preset, out=args.out, notebooks=args.only, study_dir=args.study_dir, data_dir=args.data_dir,
                            parameters=dict(args.params), notebooks_dir=args.notebooks_dir, folder=args.folder,
                            kernel_name=args.kernel, progress=not args.no_progress, log_output=args.log_output, workers=args.workers,
-                           bf16={"auto": None, "on": True, "off": False}[args.bf16], report_to=args.report_to)
+                           bf16={"auto": None, "on": True, "off": False}[args.bf16], report_to=args.report_to,
+                           stall_timeout=args.stall_timeout or None, idle_timeout=args.idle_timeout or None)
     except BatchError as e:
         print(f"kdnb batch: {e}", file=sys.stderr); return 1
     print(f"kdnb batch: done -> {folder}")
