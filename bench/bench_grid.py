@@ -3,7 +3,7 @@ larger machines), as runs per hour and CPU utilisation of the process tree. Run 
 BENCHMARKS.md by hand.
 
     python bench/bench_grid.py --out bench/results             # the tiny grid (section 4.1, preset tiny: 13 runs)
-    python bench/bench_grid.py --demo --out bench/results      # the demo grid (section 4.1, preset demo): ~20 min a split
+    python bench/bench_grid.py --demo --out bench/results      # the demo grid (section 4.1, preset demo) (not yet measured with this script; the whole demo batch took 20 min 25 s on 2 workers, results/2026-12-02_demo-avx2-2workers)
     python bench/bench_grid.py --smoke --out /tmp/grid-smoke   # 4 tiny runs, 1x2 and 2x1: checks the benchmark runs
 
 Each split runs the whole grid, teachers included, into a fresh study folder in a child process: with W > 1 workers

@@ -193,7 +193,7 @@ class GuardedClient(PapermillNotebookClient):
     # nbclient's blocking names wrap the base class's coroutines: point them at these
     start_new_kernel_client = run_sync(async_start_new_kernel_client)
     execute_cell = run_sync(async_execute_cell)
-    wait_for_reply = _wait_for_reply = run_sync(async_wait_for_reply)
+    wait_for_reply = run_sync(async_wait_for_reply)
 
 # %% ../nbs/11_batch.ipynb #df157b7d
 class GuardedEngine(NBClientEngine):
@@ -259,7 +259,7 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
               idle_timeout:float|None=IDLE_TIMEOUT, # s a kernel may sit idle with a cell's reply missing before its notebook fails (None: never)
              ) -> Path:
     "Execute every analysis notebook for `preset` into a dated folder; return the folder."
-    from kdnb.train import BF16_ENV, resolve_bf16
+    from kdnb.train import BF16_ENV, REPORT_ENV, resolve_bf16, resolve_report_to
     from kdnb.parallel import WORKERS_ENV, plan_workers, batch_specs, watch
     from kdnb.experiment import Store
     if preset not in PRESETS: raise ValueError(f"Unknown preset {preset!r}; use one of {PRESETS}.")
@@ -274,7 +274,6 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
     study_dir = Path(study_dir) if study_dir else Path("studies")/preset
     params = dict(preset=preset, study_dir=str(study_dir.resolve()), out_dir=str(folder.resolve()), progress=False,
                   **({"data_dir": str(Path(data_dir).resolve())} if data_dir else {}), **(parameters or {}))
-    from kdnb.train import REPORT_ENV, resolve_report_to
     env = {} if bf16 is None else {BF16_ENV: "on" if bf16 else "off"}   # set for the batch, restored after it
     if workers is not None: plan_workers(workers); env[WORKERS_ENV] = str(workers)   # a bad value fails here
     with mock.patch.dict(os.environ, env): precision = "bf16" if resolve_bf16("auto") else "fp32"   # what the notebooks will use

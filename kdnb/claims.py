@@ -4,13 +4,12 @@
 
 # %% ../nbs/17_claims.ipynb #8d4f6850
 from __future__ import annotations
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 import numpy as np, pandas as pd
 from scipy import stats as sps
-from .report import normalize, paper_results, select, curves, DATASET_ANALOGUES, INIT_ORDER, KD_LABELS
+from .report import normalize, paper_results, select, curves, DATASET_ANALOGUES, KD_LABELS
 from .stats import PREDICTIONS, N_BOOT, read_predictions, replicates, interval
 
 # %% auto #0

@@ -431,8 +431,8 @@ def _split_source(b:Benchmark, root:Path|None, lang:str, split:str) -> str:
     "Where `split` of `lang` is read from (a file, the packaged demo file or a hub split), for messages."
     if b.folder is None: return str(_asset(b))
     if root is None: return f"hub dataset {b.hub} ({lang}, {split})"
-    if b.name == "massive": return str(_local_files(b, root, lang)[0])
-    if b.name == "tsm": return str(root/lang/f"{_TSM_FILES[split]}_text.txt")
+    if b.reader == "massive": return str(_local_files(b, root, lang)[0])
+    if b.reader == "tsm": return str(root/lang/f"{_TSM_FILES[split]}_text.txt")
     return str(_uner_files(root, lang)[split])
 
 def _check_rows(b:Benchmark, root:Path|None, lang:str, cols:dict):
@@ -441,9 +441,9 @@ def _check_rows(b:Benchmark, root:Path|None, lang:str, cols:dict):
     for s in (("test",) if lang in b.test_only else SPLITS):
         if n[s]: continue
         what = ("has no records for this language" if b.folder is None else "has no rows" if root is None else
-                "holds no records at all (a 0-byte or empty file)" if b.name == "massive" and not sum(n.values()) else
-                f"has no records with partition {s!r}" if b.name == "massive" else
-                "holds no lines (an empty file)" if b.name == "tsm" else "holds no sentences (an empty file)")
+                "holds no records at all (a 0-byte or empty file)" if b.reader == "massive" and not sum(n.values()) else
+                f"has no records with partition {s!r}" if b.reader == "massive" else
+                "holds no lines (an empty file)" if b.reader == "tsm" else "holds no sentences (an empty file)")
         raise DataFileError(f"{_split_source(b, root, lang, s)} {what}, so the {s!r} split of {b.name} language "
                             f"{lang!r} has no examples. Every split of every language needs examples: replace the file "
                             f"with a fresh copy (layout: <data_dir>/{b.layout}), or leave {lang!r} out of the languages.")

@@ -928,6 +928,7 @@ def _run_spec(spec, study_dir, progress):
     from kdnb.train import fine_tune, distill, evaluate_by_language
     from kdnb.initialize import make_student
     from kdnb.models import auto_class, vocab_map
+    from kdnb.checks import student_shape
     check_ready(spec)
     task, labels = _task(spec)
     tok, teacher, base = _tokenizer(spec.model), None, None
@@ -948,12 +949,9 @@ def _run_spec(spec, study_dir, progress):
                     **_sizes(teacher))
     data = _data(spec, spec.train_languages, spec.test_languages, old2new)
     like = teacher if teacher is not None else base
-    layers = spec.layers or max(1, like.config.num_hidden_layers // 2)
-    hidden = like.config.hidden_size // 2 if spec.hidden == "half" else spec.hidden
     transformers.set_seed(spec.seed)
-    student = make_student(like, num_layers=layers, hidden_size=hidden, init=src_init,
-                           base=base if src_init == "from-base" else None,
-                           layer_map=list(spec.layer_map) if spec.layer_map else None)
+    student = make_student(like, init=src_init, base=base if src_init == "from-base" else None,
+                           **student_shape(spec, like.config))   # the shape `kdnb.checks` validates
     if spec.init == "copy-only":
         t0 = time.time()
         dev, test = score(student, "dev"), score(student, "test")

@@ -277,7 +277,8 @@ def export_student(study_dir, # the study folder (holds results.sqlite, teachers
         except HFValidationError as e: raise ExportError(f"push_to_hub={push_to_hub!r} is not a Hub repo id ('user/name'): {e}") from None
     store, row, spec, src = _finished(study_dir, spec_id)
     tok = _tokenizer(spec.model)
-    if getattr(AutoConfig.from_pretrained(src), "kdnb_kept_ids", None) is not None and len(tok) != AutoConfig.from_pretrained(src).vocab_size:
+    src_cfg = AutoConfig.from_pretrained(src)
+    if getattr(src_cfg, "kdnb_kept_ids", None) is not None and len(tok) != src_cfg.vocab_size:
         kind = _backend_json(tok)["model"].get("type") if getattr(tok, "is_fast", False) else type(tok).__name__
         if kind not in ("Unigram", "WordLevel", "WordPiece"):
             raise ExportError(f"Spec {row['spec_id']} trimmed the vocabulary of a {kind} tokenizer, which cannot be trimmed "

@@ -108,12 +108,12 @@ def progress(study_dir, # a study folder (or its `results.sqlite`)
             )->Progress:
     "A study's runs counted by status (done, running, failed, pending), read from its store without writing to it."
     from kdnb.experiment import store_file
+    from kdnb.integrity import read_connection
     path, want = store_file(study_dir), None if spec_ids is None else set(spec_ids)
     rows, teachers = [], []
     if path.exists():
-        con = sqlite3.connect(path, timeout=30)
+        con = read_connection(path, timeout=30)   # never writes, also in a read-only study folder
         try:
-            con.execute("PRAGMA query_only=1")
             rows = con.execute("SELECT spec_id, spec, status, owner, lease_until, error FROM runs ORDER BY started_at").fetchall()
             teachers = con.execute("SELECT spec, owner, lease_until FROM teachers WHERE status='running'").fetchall()
         except sqlite3.OperationalError as e:

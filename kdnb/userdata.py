@@ -8,7 +8,7 @@ import json, math, os, re, sys
 from pathlib import Path
 import datasets
 from datasets import ClassLabel, Dataset, DatasetDict
-from .data import BENCHMARKS, Benchmark, DataFileError, SPLITS, _LABEL_IDS
+from .data import BENCHMARKS, Benchmark, DataFileError, SPLITS, _CHECKED, _LABEL_IDS
 
 # %% auto #0
 __all__ = ['DATA_FORMATS', 'SPLIT_NAMES', 'is_data_ref', 'dataset_key', 'UserData', 'register_benchmark', 'user_benchmark',
@@ -202,6 +202,7 @@ class UserData:
 def _forget(name):
     "Drop caches that hold an earlier dataset of this name."
     _LABEL_IDS.pop(name, None)
+    for k in [k for k in _CHECKED if k[0] == name]: del _CHECKED[k]   # check_benchmark's counts of the old data
     if (exp := sys.modules.get("kdnb.experiment")) is not None: exp._MEMO.clear()
 
 def register_benchmark(name:str, # the name specs use (or a path / hub id, which is also the source)

@@ -90,6 +90,11 @@ def test_trim_embedded_exact_and_roundtrip(clf, tok, tmp_path):
     assert (tmp_path/"m"/"kdnb_vocab.json").is_file() and torch.equal(vocab_map(tmp_path/"m"), old2new)
     x = encode_for_model(tok, TEXTS, tmp_path/"m", padding=True, return_tensors="pt", unknown="error")
     with torch.no_grad(): assert torch.allclose(back(**x).logits, clf(**tok(TEXTS, padding=True, return_tensors="pt")).logits, atol=1e-6)
+    # the folder's own (trimmed) tokenizer already gives the rows: encode_for_model leaves its ids as they are
+    from transformers import AutoTokenizer
+    own = AutoTokenizer.from_pretrained(tmp_path/"m")
+    assert len(own) == small.config.vocab_size < len(tok)
+    assert torch.equal(encode_for_model(own, TEXTS, tmp_path/"m", padding=True, return_tensors="pt")["input_ids"], x["input_ids"])
     # load_model on the trimmed folder keeps its vocabulary and re-heads it
     ner = load_model(tmp_path/"m", "ner", ["O", "B-PER", "I-PER"])
     assert isinstance(ner, torch.nn.Module) and ner.config.vocab_size == small.config.vocab_size and ner.classifier.out_features == 3

@@ -252,3 +252,12 @@ def test_base_embedded_is_read_offline():
     from kdnb.userdata import _config
     cfg = _config("embedded", "base")
     assert cfg.model_type == "bert" and cfg.num_hidden_layers == 12 and cfg.hidden_size == 384
+
+
+def test_reregistered_dataset_is_checked_anew(tmp_path):
+    "check_benchmark's cached counts belong to the data registered under a name, not to an earlier dataset of that name."
+    from kdnb.data import check_benchmark
+    register_benchmark("re-reg", _csv(tmp_path/"a.csv", _rows()))
+    assert check_benchmark("re-reg", ["en"])["en"] == {"train": 6, "dev": 6, "test": 6}
+    register_benchmark("re-reg", _csv(tmp_path/"b.csv", [r for r in _rows() if not (r["split"] == "train" and r["label"] == "music")]))
+    assert check_benchmark("re-reg", ["en"])["en"] == {"train": 4, "dev": 6, "test": 6}
