@@ -8,7 +8,8 @@ import argparse, tempfile, time
 from pathlib import Path
 import torch
 import datasets, transformers
-from kdnb.data import BENCHMARKS, load_benchmark, tokenize
+from kdnb.data import BENCHMARKS, tokenize
+from kdnb.loader import load_benchmark
 from kdnb.models import EMBEDDED, load_model, load_tokenizer, remap_ids, trim_vocab, used_token_ids
 from kdnb.initialize import make_student
 from kdnb.train import distill, evaluate_by_language, fine_tune

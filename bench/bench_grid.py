@@ -20,14 +20,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from kdnb.experiment import section_grid
+from kdnb.paper import section_grid
 from kdnb.parallel import cpu_cores
 
 CHILD = """
 import json, os, resource, sys, time
 import torch
 torch.set_num_threads({threads})
-from kdnb.experiment import Spec, run_grid
+from kdnb.spec import Spec
+from kdnb.runner import run_grid
 from kdnb.parallel import run_parallel
 specs = [Spec.from_json(s) for s in json.load(open({specs!r}))]
 t0 = time.time()

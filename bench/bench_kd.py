@@ -23,10 +23,12 @@ _use_kdnb_from(sys.argv)
 
 import kdnb
 from kdnb.models import EMBEDDED, count_parameters, load_model, load_tokenizer, tiny_model, trim_vocab, used_token_ids
-from kdnb.data import BENCHMARKS, data_available, load_benchmark, tokenize
+from kdnb.data import BENCHMARKS, data_available, tokenize
+from kdnb.loader import load_benchmark
 from kdnb.initialize import make_student
 from kdnb.losses import kd_loss_for, teacher_outputs
-from kdnb.train import DistillationTrainer, toy_tokenizer, training_arguments
+from kdnb.train import DistillationTrainer, training_arguments
+from kdnb.testing import toy_tokenizer
 
 # ---------------------------------------------------------------------------------------------------------------- utils
 def sync(device):

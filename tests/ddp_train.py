@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 torch.set_num_threads(1)
 from kdnb.data import tokenize
 from kdnb.models import tiny_model
-from kdnb.train import as_settings, distill, toy_benchmark, toy_tokenizer
+from kdnb.train import as_settings, distill
+from kdnb.testing import toy_benchmark, toy_tokenizer
 
 out = sys.argv[1]
 tok = toy_tokenizer()

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat, pandas as pd, pytest
 
 from kdnb.batch import NOTEBOOKS, analysis_dir, run_batch
-from kdnb.experiment import results
+from kdnb.store import results
 
 REPO = Path(__file__).resolve().parents[1]
 # both tasks: classification and NER (random-tag baseline); KDNB_TEST_ANALYSIS_DATASETS="tsm" etc. to try others
@@ -19,7 +19,7 @@ PARAMS = {"datasets": DATASETS, "threads": 1, **EXTRA}  # one torch thread: no o
 
 
 def _demo_data_ok():
-    from kdnb.data import load_benchmark
+    from kdnb.loader import load_benchmark
     try:
         for d in DATASETS: load_benchmark(d)
     except Exception as e: return str(e)
@@ -135,7 +135,7 @@ def test_report_compares_with_paper(batch):
     assert {"ours", "paper", "diff", "paper_dataset", "paper_model"} <= set(cmp.columns)
     matched = cmp.dropna(subset=["paper"])
     assert len(matched) >= 15 * len(DATASETS)           # every section's configurations meet a paper number
-    from kdnb.report import DATASET_ANALOGUES
+    from kdnb.frames import DATASET_ANALOGUES
     assert set(matched.paper_dataset) == {DATASET_ANALOGUES.get(d, d) for d in DATASETS}
     assert (matched["diff"] - (matched.ours - matched.paper)).abs().max() < 1e-9
     t8 = pd.read_csv(REPO/"kdnb"/"assets"/"paper"/"table8_all_languages.csv")
@@ -146,7 +146,7 @@ def test_report_compares_with_paper(batch):
              & (t8.dataset == ds)].f1.item()
     assert row.paper.tolist() == [ref]
     claims = _csv(folder, "report_claims", dtype={"section": str}, index_col=0)
-    from kdnb.claims import paper_claims
+    from kdnb.paper import paper_claims
     assert len(claims) == len(paper_claims()) and set(claims.section) == {"4.1", "4.2", "4.3", "5.1", "5.2", "5.3"}
     assert {"quote", "section", "scope", "difference", "ci_low", "ci_high", "n_seeds", "verdict"} <= set(claims.columns)
     assert set(claims.verdict) <= {"supported", "contradicted", "inconclusive", "not run"}

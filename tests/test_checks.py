@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kdnb.data import DataFileError, data_available, find_data_dir, load_benchmark
-from kdnb.experiment import Spec, SpecError, check_ready, run_grid
+from kdnb.data import data_available, find_data_dir
+from kdnb.loader import DataFileError, load_benchmark
+from kdnb.spec import Spec, SpecError
+from kdnb.runner import check_ready, run_grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,12 +82,12 @@ def test_uner_zero_byte_file(tmp_path):
 
 
 def test_demo_language_without_a_split(tmp_path, monkeypatch):
-    import kdnb.data
+    import kdnb.data, kdnb.loader
     src = kdnb.data._asset(kdnb.data.BENCHMARKS["demo-intent"])
     recs = [json.loads(l) for l in src.read_text(encoding="utf-8").splitlines() if l.strip()]
     p = tmp_path/"demo_intent.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in recs if not (r["language"] == "pt" and r["split"] == "test")))
-    monkeypatch.setattr(kdnb.data, "_asset", lambda b: p)
+    monkeypatch.setattr(kdnb.loader, "_asset", lambda b: p)   # the loader reads the packaged file
     assert load_benchmark("demo-intent", languages="en")["test"].num_rows == 40
     with pytest.raises(DataFileError, match=r"demo_intent\.jsonl has no records for this language, so the 'test' split "
                                             r"of demo-intent language 'pt'"):
@@ -229,7 +231,7 @@ def test_checked_shape_is_the_shape_the_runner_builds(tmp_path):
     "check_student mirrors run_spec's layers/hidden defaults (kdnb.checks.student_shape): pinned on copy-only runs."
     import torch
     from kdnb.checks import check_student
-    from kdnb.experiment import run_spec
+    from kdnb.runner import run_spec
     torch.set_num_threads(1)
     for kw in (dict(), dict(hidden="half", layers=1), dict(layers=3, layer_map=(0, 2, 3))):
         spec = Spec(**{**TINY, **kw}, init="copy-only", copy_from="from-base", train_languages=("en",),

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from kdnb.data import (BENCHMARKS, MASSIVE_INTENTS, NER_LABELS, SPLITS, DataFileError, PreliminaryDataWarning,
-                       collator, data_available, find_data_dir, load_benchmark, select_languages, stratified_subset,
-                       tokenize)
+from kdnb.data import BENCHMARKS, MASSIVE_INTENTS, NER_LABELS, collator, data_available, find_data_dir, select_languages, stratified_subset, tokenize
+from kdnb.loader import SPLITS, DataFileError, PreliminaryDataWarning, load_benchmark
 
 
 def _need(name):
@@ -297,13 +296,13 @@ def test_stratified_subset_massive():
 # ---------------------------------------------------------------- tokenization
 def _tokenizer():
     try:
-        from kdnb.models import embedded_tokenizer
+        from kdnb.embedded import embedded_tokenizer
     except ImportError:
         embedded_tokenizer = None
     if embedded_tokenizer is not None:
         try: return embedded_tokenizer()
         except Exception as e: pytest.skip(f"embedded tokenizer unavailable: {e}")
-    pytest.skip("kdnb.models.embedded_tokenizer missing")
+    pytest.skip("kdnb.embedded.embedded_tokenizer missing")
 
 
 def test_tokenize_ner_alignment_embedded():

@@ -1,4 +1,4 @@
-"""Integration tests of kdnb.experiment and the `kdnb` CLI: a tiny grid end to end, SIGKILL-resume, two processes on
+"""Integration tests of kdnb.runner (with kdnb.spec, kdnb.store) and the `kdnb` CLI: a tiny grid end to end, SIGKILL-resume, two processes on
 one store, invalid specs, a missing teacher checkpoint, and `kdnb run` / `kdnb list` as subprocesses.
 
 Runs use tiny random models (`tiny-xlmr`) with the embedded multilingual tokenizer and a trimmed vocabulary, on the
@@ -7,8 +7,10 @@ import json, os, shutil, signal, sqlite3, subprocess, sys, textwrap, time, warni
 from pathlib import Path
 import pytest
 
-from kdnb.experiment import (Spec, SpecError, GridFailed, Store, grid, run_grid, results, results_by_language, curves,
-                             run_dir, teacher_dir, load_specs, INITS)
+from kdnb.initialize import INITIALIZATIONS
+from kdnb.spec import Spec, SpecError, grid
+from kdnb.store import Store, results, results_by_language, results_by_step
+from kdnb.runner import GridFailed, run_grid, run_dir, teacher_dir, load_specs
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -17,7 +19,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS
 
 def _dataset():
     "A classification dataset the tests can load: the built-in demo data, else tsm from the data folder."
-    from kdnb.data import load_benchmark, data_available
+    from kdnb.data import data_available
+    from kdnb.loader import load_benchmark
     try:
         load_benchmark("demo-intent", languages=["en"])
         return "demo-intent", ("de", "en"), ("de", "en", "fr")
@@ -42,7 +45,7 @@ def _script(tmp_path, name, body):
 
 
 def test_tiny_grid_end_to_end(tmp_path, base):
-    specs = grid(**base, init=["teacher", *INITS, "copy-only"], kd=[False, True])
+    specs = grid(**base, init=["teacher", *INITIALIZATIONS, "copy-only"], kd=[False, True])
     assert len(specs) == 8  # one teacher, 3 inits x KD, one copy-only
     df = run_grid(specs, tmp_path, progress=False)
     assert list(df.spec_id) == [s.spec_id for s in specs] and set(df.status) == {"done"}
@@ -57,8 +60,8 @@ def test_tiny_grid_end_to_end(tmp_path, base):
     assert t.loc["copy-only (from-teacher)", "curve"] == [] and len(t.loc["from-base + KD", "curve"]) > 0
     assert {"att", "hid", "embd", "pred", "clf"} <= set().union(*t.loc["from-scratch + KD", "curve"])
     assert len(results_by_language(tmp_path)) == 8 * len(langs)
-    assert len(curves(tmp_path)) > 0
-    assert all((run_dir(s, tmp_path)/"best"/"config.json").exists() for s in specs if s.init in INITS)
+    assert len(results_by_step(tmp_path)) > 0
+    assert all((run_dir(s, tmp_path)/"best"/"config.json").exists() for s in specs if s.init in INITIALIZATIONS)
     assert not any((run_dir(s, tmp_path)/"checkpoints").exists() for s in specs)
     from kdnb.stats import PREDICTIONS, read_predictions, replicates
     for s, f1 in zip(specs, df.test_f1):   # every run keeps its per-example test predictions, and they give its test F1
@@ -83,7 +86,8 @@ def test_sigkill_resume(tmp_path, base):
     quick = Spec(**{**base, "init": "from-scratch", "kd": False})
     slow = Spec(**{**base, "init": "from-scratch", "kd": False, "max_steps": 400, "eval_steps": 20, "seed": 1})
     script = _script(tmp_path, "grid.py", f"""
-        from kdnb.experiment import Spec, run_grid
+        from kdnb.spec import Spec
+        from kdnb.runner import run_grid
         run_grid([Spec.from_json({quick.to_json()!r}), Spec.from_json({slow.to_json()!r})], {str(study)!r}, progress=False)
         """)
     p = subprocess.Popen([sys.executable, str(script)], env=ENV, stderr=subprocess.PIPE)
@@ -112,7 +116,7 @@ import os, time
 from pathlib import Path
 import torch
 from safetensors.torch import save_file
-from kdnb.experiment import ensure_teacher
+from kdnb.runner import ensure_teacher
 LOG = {log!r}
 def log(what):
     with open(LOG, "a") as f: f.write(f"{{what}} {{os.getpid()}}\\n")
@@ -132,11 +136,12 @@ def runner(spec, study_dir, progress=False):
 def test_two_processes_one_store(tmp_path, base):
     study, log = tmp_path/"study", tmp_path/"log.txt"
     (tmp_path/"fake_runner.py").write_text(FAKE.format(log=str(log)))
-    specs = grid(**{**base, "seed": [0, 1, 2]}, init=list(INITS), kd=[False, True])   # 18 specs, 3 teachers
+    specs = grid(**{**base, "seed": [0, 1, 2]}, init=list(INITIALIZATIONS), kd=[False, True])   # 18 specs, 3 teachers
     script = _script(tmp_path, "two.py", f"""
         import sys; sys.path.insert(0, {str(tmp_path)!r})
         from fake_runner import runner
-        from kdnb.experiment import Spec, run_grid
+        from kdnb.spec import Spec
+        from kdnb.runner import run_grid
         specs = [Spec.from_json(s) for s in {[s.to_json() for s in specs]!r}]
         df = run_grid(specs, {str(study)!r}, runner=runner, progress=False, poll=0.05)
         assert (df.status == "done").all() and len(df) == len(specs), df

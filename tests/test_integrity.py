@@ -14,11 +14,16 @@ from pathlib import Path
 
 import pytest, torch
 
-import kdnb.experiment as X
-from kdnb.experiment import Spec, GridFailed, Store, StoreError, grid, run_grid, results, teacher_dir
+import kdnb.store as X
+from kdnb.spec import Spec, grid
+from kdnb.store import Store, results
+from kdnb.runner import GridFailed, run_grid, teacher_dir
+from kdnb.integrity import StoreError
 from kdnb.data import tokenize
 from kdnb.models import tiny_model
-from kdnb.train import as_settings, fine_tune, last_checkpoint, toy_benchmark, toy_tokenizer
+from kdnb.checkpoints import last_checkpoint
+from kdnb.train import as_settings, fine_tune
+from kdnb.testing import toy_benchmark, toy_tokenizer
 from transformers import TrainerCallback
 
 torch.set_num_threads(1)
@@ -62,12 +67,12 @@ def public_dir():
 
 READER = """
 import json, sys
-from kdnb.experiment import results, results_by_language, curves
-from kdnb.report import load_results
+from kdnb.store import results, results_by_language, results_by_step
+from kdnb.store import load_results
 from kdnb.cli import main
 study = sys.argv[1]
 print(json.dumps(dict(results=len(results(study)), by_language=len(results_by_language(study)),
-                      curves=len(curves(study)), report=len(load_results(study)),
+                      curves=len(results_by_step(study)), report=len(load_results(study)),
                       all=len(results(study, status=None)))))
 sys.exit(main(["list", study]))
 """
@@ -108,7 +113,8 @@ def test_read_only_study_keeps_rows_in_a_leftover_wal(public_dir):
     run_grid(specs(2), study, runner=fake_runner, progress=False)
     killed = textwrap.dedent(f"""
         import os
-        from kdnb.experiment import Store, Spec
+        from kdnb.spec import Spec
+        from kdnb.store import Store
         st = Store({str(study)!r}); s = Spec(model="tiny-xlmr", init="from-scratch", kd=False, seed=9)
         con = st.connect(); con.execute("SELECT count(*) FROM runs").fetchone()   # open: no checkpoint on close
         st.register([s]); st.claim(s.spec_id); st.finish(s.spec_id, dict(dev_f1=0.7, test_f1_by_language={{"en": 0.7}}))
@@ -127,7 +133,9 @@ def test_read_only_study_keeps_rows_in_a_leftover_wal(public_dir):
 
 WRITER = """
 import sys
-from kdnb.experiment import Spec, run_grid, StoreError
+from kdnb.spec import Spec
+from kdnb.runner import run_grid
+from kdnb.integrity import StoreError
 try: run_grid([Spec(model="tiny-xlmr", seed=5)], sys.argv[1], runner=lambda *a, **k: {}, progress=False)
 except StoreError as e: print(e); sys.exit(3)
 """
@@ -258,7 +266,7 @@ def test_all_checkpoints_corrupt_trains_from_scratch(tmp_path, toy):
 
 
 def _base():
-    from kdnb.data import load_benchmark
+    from kdnb.loader import load_benchmark
     try: load_benchmark("demo-intent", languages=["en"])
     except Exception as e: pytest.skip(f"the demo data cannot be loaded: {e}")
     return dict(model="tiny-xlmr", dataset="demo-intent", train_languages=("de", "en"), test_languages=("de", "en"),

@@ -1,7 +1,8 @@
 "Baselines of kdnb.metrics on the real benchmark files: the paper's Table 7 'random score' row (7.02 / 33.33 / 1.75)."
 import glob
 import pytest
-from kdnb.data import find_data_dir, read_massive, read_tsm, read_iob2, NER_LABELS
+from kdnb.data import find_data_dir, NER_LABELS
+from kdnb.loader import read_massive, read_tsm, read_iob2
 from kdnb.metrics import majority_baseline, random_ner_baseline
 
 UNER_TRAINED = "da_ddt en_ewt hr_set pt_bosque sk_snk sr_set sv_talbanken zh_gsd zh_gsdsimp".split()

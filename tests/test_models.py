@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np, pytest, torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-import kdnb.models as km
-from kdnb.models import (EMBEDDED, count_parameters, embed_texts, embedded_model_path, embedded_tokenizer,
-                         encode_for_model, load_model, remap_ids, save_model, trim_vocab, used_token_ids, vocab_map)
+import kdnb.embedded as ke
+from kdnb.models import EMBEDDED, count_parameters, embed_texts, encode_for_model, load_model, remap_ids, save_model, trim_vocab, used_token_ids, vocab_map
+from kdnb.embedded import embedded_model_path, embedded_tokenizer
 
 torch.set_num_threads(2)
 TEXTS = ["The weather is nice today.", "Das Wetter ist heute schön.", "I need to book a flight to Paris.",
@@ -65,10 +65,10 @@ def test_missing_packages_error(tmp_path, monkeypatch):
 
 def test_cache_dir_env(monkeypatch):
     monkeypatch.setenv("KDNB_CACHE_DIR", "/nonexistent/kdnb-cache")
-    assert km.kdnb_cache_dir() == Path("/nonexistent/kdnb-cache")
-    assert km.kdnb_cache_dir("/x") == Path("/x")
+    assert ke.kdnb_cache_dir() == Path("/nonexistent/kdnb-cache")
+    assert ke.kdnb_cache_dir("/x") == Path("/x")
     monkeypatch.delenv("KDNB_CACHE_DIR")
-    assert km.kdnb_cache_dir() == Path.home()/".cache"/"kdnb"
+    assert ke.kdnb_cache_dir() == Path.home()/".cache"/"kdnb"
 
 def _data(tok, texts):
     d = Dataset.from_dict({"text": texts, "label": list(range(len(texts)))})

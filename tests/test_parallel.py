@@ -5,7 +5,9 @@ import json, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
 
-from kdnb.experiment import Spec, Store, grid, run_grid, results
+from kdnb.spec import Spec, grid
+from kdnb.store import Store, results
+from kdnb.runner import run_grid
 from kdnb.parallel import progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,7 +19,7 @@ BASE = dict(model="tiny-xlmr", dataset="demo-intent", train_languages=("de", "en
 
 @pytest.fixture(scope="module", autouse=True)
 def _data():
-    from kdnb.data import load_benchmark
+    from kdnb.loader import load_benchmark
     try: load_benchmark("demo-intent", languages=["en"])
     except Exception as e: pytest.skip(f"the built-in demo data cannot be loaded: {e}")
 
@@ -64,7 +66,8 @@ def test_killed_worker_spec_is_taken_over(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(tmp_path)!r})
         from slow_runner import runner
-        from kdnb.experiment import Spec, run_grid
+        from kdnb.spec import Spec
+        from kdnb.runner import run_grid
         specs = [Spec.from_json(s) for s in {[s.to_json() for s in specs]!r}]
         df = run_grid(specs, {str(study)!r}, runner=runner, progress=False, workers=2, poll=0.2)
         assert (df.status == "done").all() and len(df) == len(specs), df
@@ -111,7 +114,8 @@ def test_killed_scheduler_leaves_no_worker_behind(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(tmp_path)!r})
         from slow_runner import runner
-        from kdnb.experiment import Spec, run_grid
+        from kdnb.spec import Spec
+        from kdnb.runner import run_grid
         run_grid([Spec.from_json(s) for s in {[s.to_json() for s in specs]!r}], {str(study)!r}, runner=runner,
                  progress=False, workers=2, poll=0.2)
         """))

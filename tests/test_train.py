@@ -10,8 +10,9 @@ from transformers import AutoModelForTokenClassification, TrainerCallback
 from kdnb.data import NER_LABELS, tokenize
 from kdnb.initialize import make_student
 from kdnb.models import tiny_model
-from kdnb.train import (KD_ATTR, TrainingDiverged, as_settings, distill, evaluate_by_language, fine_tune,
-                        last_checkpoint, toy_benchmark, toy_tokenizer)
+from kdnb.checkpoints import TrainingDiverged, last_checkpoint
+from kdnb.train import KD_ATTR, as_settings, distill, evaluate_by_language, fine_tune
+from kdnb.testing import toy_benchmark, toy_tokenizer
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

@@ -7,8 +7,12 @@ from pathlib import Path
 from unittest import mock
 import pytest
 
-from kdnb.data import BENCHMARKS, DataFileError
-from kdnb.experiment import Spec, SpecError, Store, run_grid, results, load_specs, section_grid, teacher_dir
+from kdnb.data import BENCHMARKS
+from kdnb.loader import DataFileError
+from kdnb.spec import Spec, SpecError
+from kdnb.store import Store, results
+from kdnb.runner import run_grid, load_specs, teacher_dir
+from kdnb.paper import section_grid
 from kdnb.userdata import register_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +45,8 @@ def _kdnb(*args):
 
 def _teacher(path, labels):
     "A classification model folder (config, weights, tokenizer), as `save_pretrained` leaves it."
-    from kdnb.models import tiny_model, embedded_tokenizer
+    from kdnb.models import tiny_model
+    from kdnb.embedded import embedded_tokenizer
     m = tiny_model("xlmr", "classification", num_labels=len(labels), seed=0, vocab_size=len(embedded_tokenizer()))
     m.config.id2label = dict(enumerate(labels)); m.config.label2id = {l: i for i, l in enumerate(labels)}
     m.save_pretrained(path); embedded_tokenizer().save_pretrained(path)
@@ -90,7 +95,7 @@ def test_cli_runs_csv_and_jsonl(tmp_path):
 
 def test_own_teacher_skips_teacher_training(tmp_path):
     "Spec(teacher=folder) distills from that folder: no teacher is trained and no teachers/ folder is made."
-    import kdnb.train, kdnb.experiment
+    import kdnb.runner
     csv = str(_csv(tmp_path/"intents.csv", _rows()))
     folder = _teacher(tmp_path/"my-teacher", ["lights", "music", "weather"])
     specs = [Spec(**TINY | {"model": "embedded"}, dataset=csv, teacher=folder, init=i, kd=i != "teacher")
@@ -99,8 +104,8 @@ def test_own_teacher_skips_teacher_training(tmp_path):
     assert all(s.model == folder and s.uses_teacher for s in specs)
     assert all(Spec.from_json(s.to_json()) == s for s in specs) and len({s.spec_id for s in specs}) == 4
     trained = []
-    with mock.patch.object(kdnb.experiment, "_train_teacher", side_effect=lambda *a, **k: trained.append(a)), \
-         mock.patch.object(kdnb.train, "fine_tune", side_effect=AssertionError("fine_tune called")):
+    with mock.patch.object(kdnb.runner, "_train_teacher", side_effect=lambda *a, **k: trained.append(a)), \
+         mock.patch.object(kdnb.runner, "fine_tune", side_effect=AssertionError("fine_tune called")):
         df = run_grid(specs, tmp_path/"study", progress=False)
     assert trained == [] and set(df.status) == {"done"}
     assert not (tmp_path/"study"/"teachers").exists() and Store(tmp_path/"study").rows("teachers") == []
@@ -111,10 +116,10 @@ def test_own_teacher_skips_teacher_training(tmp_path):
 
 
 def _no_training():
-    import kdnb.train, kdnb.experiment
+    import kdnb.runner
     boom = AssertionError("training started")
-    return [mock.patch.object(kdnb.experiment, "_train_teacher", side_effect=boom),
-            mock.patch.object(kdnb.train, "fine_tune", side_effect=boom), mock.patch.object(kdnb.train, "distill", side_effect=boom)]
+    return [mock.patch.object(kdnb.runner, "_train_teacher", side_effect=boom),
+            mock.patch.object(kdnb.runner, "fine_tune", side_effect=boom), mock.patch.object(kdnb.runner, "distill", side_effect=boom)]
 
 
 @pytest.mark.parametrize("case", ["unknown column", "missing split", "label outside the label set", "empty language",
@@ -168,7 +173,7 @@ def test_registered_dataset_in_section_grids(tmp_path):
 
 def test_baselines_of_user_data(tmp_path, monkeypatch):
     "The chance-level rows of section 5.1 work for a file given by a relative path (the key its specs use)."
-    from kdnb.experiment import baseline_scores
+    from kdnb.report import baseline_scores
     from kdnb.report import baselines
     _csv(tmp_path/"d.csv", _rows())
     monkeypatch.chdir(tmp_path)
@@ -195,7 +200,7 @@ def test_kdnb_datasets_env_names_data_for_every_process(tmp_path):
 def test_own_teacher_from_trimmed_kdnb_folder(tmp_path):
     "A kdnb teacher's self-contained best/ folder (trimmed weights + trimmed tokenizer) distills as Spec(teacher=folder)."
     from transformers import AutoTokenizer
-    from kdnb.experiment import ensure_teacher, _data
+    from kdnb.runner import ensure_teacher, _data
     from kdnb.models import vocab_map
     csv = str(_csv(tmp_path/"intents.csv", _rows()))
     study = tmp_path/"study"
@@ -219,7 +224,7 @@ def test_own_teacher_from_trimmed_kdnb_folder(tmp_path):
     assert len(AutoTokenizer.from_pretrained(best)) == len(tok)   # the student keeps the teacher's (trimmed) rows
     # its export loads with plain transformers and predicts what kdnb's evaluation predicted
     from transformers import pipeline
-    from kdnb.data import load_benchmark
+    from kdnb.loader import load_benchmark
     from kdnb.export import export_student
     from kdnb.stats import PREDICTIONS, read_predictions
     out = export_student(study, own[1].spec_id, tmp_path/"exported")
@@ -232,8 +237,9 @@ def test_own_teacher_from_trimmed_kdnb_folder(tmp_path):
 def test_own_trimmed_teacher_from_base_gets_the_teachers_rows(tmp_path):
     "A from-base student of a trimmed own teacher copies the base's rows of the teacher's kept tokens, in the teacher's order."
     import torch
-    from kdnb.experiment import ensure_teacher, _base_model
-    from kdnb.models import embedded_model_path, load_base, vocab_map
+    from kdnb.runner import ensure_teacher, _base_model
+    from kdnb.models import load_base, vocab_map
+    from kdnb.embedded import embedded_model_path
     csv = str(_csv(tmp_path/"intents.csv", _rows()))
     study = tmp_path/"study"
     t = Spec(**TINY | {"model": "embedded"}, dataset=csv, init="teacher", trim=True)
@@ -256,7 +262,7 @@ def test_base_embedded_is_read_offline():
 
 def test_reregistered_dataset_is_checked_anew(tmp_path):
     "check_benchmark's cached counts belong to the data registered under a name, not to an earlier dataset of that name."
-    from kdnb.data import check_benchmark
+    from kdnb.loader import check_benchmark
     register_benchmark("re-reg", _csv(tmp_path/"a.csv", _rows()))
     assert check_benchmark("re-reg", ["en"])["en"] == {"train": 6, "dev": 6, "test": 6}
     register_benchmark("re-reg", _csv(tmp_path/"b.csv", [r for r in _rows() if not (r["split"] == "train" and r["label"] == "music")]))
