@@ -14,9 +14,9 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['SPEC_INITS', 'COPY_SOURCES', 'LANGUAGE_SETS', 'TINY_MODELS', 'STORE_FILE', 'SPEC_COLUMNS', 'RESULT_COLUMNS',
-           'SECTIONS', 'STUDY_PRESETS', 'SpecError', 'Spec', 'grid', 'load_specs', 'store_file', 'Store', 'teacher_dir',
-           'ensure_teacher', 'GridFailed', 'run_grid', 'results', 'results_by_language', 'curves', 'run_dir',
-           'check_ready', 'run_spec', 'section_grid', 'baseline_scores']
+           'SECTIONS', 'CPU_REAL', 'STUDY_PRESETS', 'SpecError', 'Spec', 'grid', 'load_specs', 'store_file', 'Store',
+           'teacher_dir', 'ensure_teacher', 'GridFailed', 'run_grid', 'results', 'results_by_language', 'curves',
+           'run_dir', 'check_ready', 'run_spec', 'section_grid', 'baseline_scores']
 
 # %% ../nbs/07_experiment.ipynb #b53f11d7
 from .initialize import INITS   # the three student initializations
@@ -64,7 +64,7 @@ class Spec:
     eval_subset:float|int|None=None # dev and test: a fraction or a count per language, to keep CPU runs short (None: all)
     seed:int=42 # seed of the model initialization and training (data samples are drawn with a fixed seed)
     epochs:float=30.0 # training epochs (paper: 30)
-    eval_steps:int=500 # evaluate on dev (and checkpoint) every this many steps
+    eval_steps:int|float=500 # evaluate on dev (and checkpoint) every this many steps (a float in (0, 1): that fraction of the run)
     max_steps:int=-1 # stop after this many steps (-1: run all epochs)
     batch_size:int=32 # training batch size
     learning_rate:float=5e-5 # AdamW learning rate (transformers' default)
@@ -150,7 +150,8 @@ def validate(self:Spec):
             raise _bad(f, v, "None (all data), a fraction in (0, 1], or an int count per language >= 1")
     if not _is_int(self.seed): raise _bad("seed", self.seed, "an int")
     if not (_is_num(self.epochs) and self.epochs > 0): raise _bad("epochs", self.epochs, "a number > 0")
-    if not (_is_int(self.eval_steps) and self.eval_steps >= 1): raise _bad("eval_steps", self.eval_steps, "an int >= 1")
+    if not ((_is_int(self.eval_steps) and self.eval_steps >= 1) or (isinstance(self.eval_steps, float) and 0 < self.eval_steps < 1)):
+        raise _bad("eval_steps", self.eval_steps, "an int >= 1 (steps) or a float in (0, 1) (that fraction of the run)")
     if not (_is_int(self.max_steps) and (self.max_steps == -1 or self.max_steps >= 1)):
         raise _bad("max_steps", self.max_steps, "-1 (run all epochs) or an int >= 1")
     if not (_is_int(self.batch_size) and self.batch_size >= 1): raise _bad("batch_size", self.batch_size, "an int >= 1")
@@ -865,7 +866,7 @@ def _settings(spec:Spec):
     "`kdnb.train.TrainSettings` for `spec`."
     from kdnb.train import TrainSettings
     return TrainSettings(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
-                         eval_steps=spec.eval_steps, logging_steps=max(1, min(10, spec.eval_steps)), seed=spec.seed,
+                         eval_steps=spec.eval_steps, logging_steps=max(1, min(10, spec.eval_steps)) if _is_int(spec.eval_steps) else 5, seed=spec.seed,
                          max_length=spec.max_length, max_steps=spec.max_steps)
 
 _CURVE_KEYS = ("step", "epoch", "loss", "att", "hid", "embd", "pred", "clf", "wall_time", "eval_f1", "eval_loss")
@@ -967,6 +968,11 @@ def _run_spec(spec, study_dir, progress):
 # %% ../nbs/07_experiment.ipynb #58c0e237
 SECTIONS = ("4.1", "4.2", "4.3", "5.1", "5.2", "5.3")
 from .train import PAPER_EVAL_STEPS   # the paper's evaluation intervals, per section and dataset (one table)
+CPU_REAL = dict(   # per-dataset sizes of the `cpu-real` preset, chosen by the pilot runs in `results/README.md`
+    train_sample={"massive-8": 250, "tsm": 100, "universal-ner": 80},   # training examples per language
+    learning_rate={"massive-8": 1e-4, "tsm": 1e-4, "universal-ner": 3e-4},
+    epochs={"massive-8": 3, "tsm": 2, "universal-ner": 3},
+    seeds={"massive-8": [42], "tsm": [42, 43, 44], "universal-ner": [42, 43, 44]})   # massive-8's runs are the longest
 STUDY_PRESETS = {
     "tiny": dict(models=["tiny-xlmr"], datasets=["demo-intent"], seeds=[0], epochs=1, max_steps=4, eval_steps=2,
                  batch_size=8, max_length=32, trim=True, subsets=[0.5, None]),
@@ -974,15 +980,23 @@ STUDY_PRESETS = {
                  batch_size=16, learning_rate={"demo-intent": 1e-4, "demo-ner": 3e-4}, max_length=32, trim=True,
                  eval_subset=20, subsets=[0.2, 0.5, None],
                  subset_datasets=["demo-intent"]),
-    "cpu-real": dict(models=["embedded"], datasets=["tsm"], seeds=[42], epochs=2, eval_steps=50, batch_size=16,
-                     learning_rate=1e-4, max_length=64, trim=True, train_sample=80, eval_subset=40,
-                     subsets=[0.1, 0.2, 0.5, None]),
+    "cpu-real": dict(models=["embedded"], datasets=["massive-8", "tsm", "universal-ner"],
+                     seeds=CPU_REAL["seeds"], section_seeds={"4.3": [42], "5.2": [42]}, half_width_seeds=[42],
+                     epochs=CPU_REAL["epochs"], eval_steps=0.5, batch_size=16, learning_rate=CPU_REAL["learning_rate"],
+                     max_length=32, trim=True, train_sample=CPU_REAL["train_sample"], eval_subset=100,
+                     subsets=[0.1, 0.25, 0.5, None], subset_datasets=["massive-8"]),
     "paper": dict(models=["FacebookAI/xlm-roberta-base", "microsoft/mdeberta-v3-base"],
                   datasets=["massive", "tsm", "universal-ner"], seeds=[42, 43, 44], epochs=30, eval_steps=PAPER_EVAL_STEPS,
                   batch_size=8, max_length=128, trim=False, subsets=[0.01, 0.05, 0.1, 0.2, None],
                   subset_datasets=["massive"]),
 }
-_PRESET_KEYS = ("models", "datasets", "seeds", "subsets", "subset_datasets")
+_PRESET_KEYS = ("models", "datasets", "seeds", "section_seeds", "half_width_seeds", "subsets", "subset_datasets")
+
+def _section_seeds(p, section, dataset):
+    "The seeds of `section` on `dataset` in preset `p`: its `section_seeds` entry (5.3 reads 5.2's runs), else `seeds` (a list, or per dataset)."
+    own = p.get("section_seeds") or {}
+    if s := own.get(section) or own.get({"5.3": "5.2"}.get(section, section)): return s
+    return p["seeds"][dataset] if isinstance(p["seeds"], dict) else p["seeds"]
 
 def _section_specs(section, fixed, subsets):
     "Specs of one section for one model, dataset and seed (`fixed` holds the Spec fields)."
@@ -1016,13 +1030,16 @@ def section_grid(section:str|list, # a paper section in `SECTIONS` (or a list of
     out = {}
     for sec in sections:
         datasets = p.get("subset_datasets") or p["datasets"] if sec in ("5.2", "5.3") else p["datasets"]
-        for model, ds, seed in itertools.product(p["models"], datasets, p["seeds"]):
-            fixed = {k: v for k, v in p.items() if k not in _PRESET_KEYS}
-            if isinstance(fixed.get("eval_steps"), dict):
-                fixed["eval_steps"] = fixed["eval_steps"][sec if sec in ("4.1", "4.2", "4.3") else "4.1"][ds]
-            fixed = {k: v[ds] if isinstance(v, dict) else v for k, v in fixed.items()}   # per-dataset values
-            fixed.update(model=model, dataset=ds, seed=seed)
-            for s in _section_specs(sec, fixed, p.get("subsets") or [None]): out.setdefault(s.spec_id, s)
+        for model, ds in itertools.product(p["models"], datasets):
+            for seed in _section_seeds(p, sec, ds):
+                fixed = {k: v for k, v in p.items() if k not in _PRESET_KEYS}
+                if isinstance(fixed.get("eval_steps"), dict):
+                    fixed["eval_steps"] = fixed["eval_steps"][sec if sec in ("4.1", "4.2", "4.3") else "4.1"][ds]
+                fixed = {k: v[ds] if isinstance(v, dict) else v for k, v in fixed.items()}   # per-dataset values
+                fixed.update(model=model, dataset=ds, seed=seed)
+                for s in _section_specs(sec, fixed, p.get("subsets") or [None]):
+                    if s.hidden is not None and p.get("half_width_seeds") is not None and seed not in p["half_width_seeds"]: continue
+                    out.setdefault(s.spec_id, s)
     return list(out.values())
 
 # %% ../nbs/07_experiment.ipynb #d11d0a73

@@ -23,7 +23,7 @@ PAPER_MODELS = {"xlm-roberta-base": "XLM-R", "mdeberta-v3-base": "mDeBERTa"} # p
 PAPER_DATASETS = ("massive", "tsm", "universal-ner") # in the paper's column order
 INIT_ORDER = ("teacher", "from-teacher", "from-base", "from-scratch", "copy-only", "baseline") # row order of tables
 KD_LABELS = {True: "KD", False: "no KD", None: "—"} # how `kd` reads in tables
-DATASET_ANALOGUES = {"demo-intent": "massive", "demo-ner": "universal-ner"} # demo data -> the paper dataset it stands in for
+DATASET_ANALOGUES = {"demo-intent": "massive", "demo-ner": "universal-ner", "massive-8": "massive"} # demo data and samples -> the paper dataset they stand in for
 KEYS = ("model", "dataset", "init", "kd", "width", "train_languages", "test_languages", "teacher_languages", "subset")
 
 def paper_dir() -> Path:
