@@ -969,10 +969,10 @@ def _run_spec(spec, study_dir, progress):
 SECTIONS = ("4.1", "4.2", "4.3", "5.1", "5.2", "5.3")
 from .train import PAPER_EVAL_STEPS   # the paper's evaluation intervals, per section and dataset (one table)
 CPU_REAL = dict(   # per-dataset sizes of the `cpu-real` preset, chosen by the pilot runs in `results/README.md`
-    train_sample={"massive-8": 250, "tsm": 100, "universal-ner": 80},   # training examples per language
-    learning_rate={"massive-8": 1e-4, "tsm": 1e-4, "universal-ner": 3e-4},
+    train_sample={"massive-8": 350, "tsm": 100, "universal-ner": 150},   # training examples (sentences) per language
+    learning_rate={"massive-8": 1e-4, "tsm": 1e-4, "universal-ner": 5e-5},   # NER at 1e-4 and 3e-4 collapsed to all-O
     epochs={"massive-8": 3, "tsm": 2, "universal-ner": 3},
-    seeds={"massive-8": [42], "tsm": [42, 43, 44], "universal-ner": [42, 43, 44]})   # massive-8's runs are the longest
+    seeds={"massive-8": [42], "tsm": [42, 43, 44], "universal-ner": [42]})   # three seeds where the runs are shortest
 STUDY_PRESETS = {
     "tiny": dict(models=["tiny-xlmr"], datasets=["demo-intent"], seeds=[0], epochs=1, max_steps=4, eval_steps=2,
                  batch_size=8, max_length=32, trim=True, subsets=[0.5, None]),
@@ -984,7 +984,7 @@ STUDY_PRESETS = {
                      seeds=CPU_REAL["seeds"], section_seeds={"4.3": [42], "5.2": [42]}, half_width_seeds=[42],
                      epochs=CPU_REAL["epochs"], eval_steps=0.5, batch_size=16, learning_rate=CPU_REAL["learning_rate"],
                      max_length=32, trim=True, train_sample=CPU_REAL["train_sample"], eval_subset=100,
-                     subsets=[0.1, 0.25, 0.5, None], subset_datasets=["massive-8"]),
+                     subsets=[0.1, 0.5, None], subset_datasets=["massive-8"]),
     "paper": dict(models=["FacebookAI/xlm-roberta-base", "microsoft/mdeberta-v3-base"],
                   datasets=["massive", "tsm", "universal-ner"], seeds=[42, 43, 44], epochs=30, eval_steps=PAPER_EVAL_STEPS,
                   batch_size=8, max_length=128, trim=False, subsets=[0.01, 0.05, 0.1, 0.2, None],
