@@ -170,6 +170,17 @@ def paper_claims(margin:float=1., # half-width (F1 points) of "comparable"/"at c
           "second half: from-teacher trained on English - trained on seen languages < 0 in every (model, dataset, KD)",
           [contrast(lambda d: _SEEN(d) & (d.init == "from-teacher"), ("model", "dataset", "kd_"), _pair("english", "seen", "train_languages"))],
           kind="<"),
+    Claim("4.2", "tsm, universal-ner: English-trained ≈ seen-trained",
+          "On the other hand, tsm and universal-ner perform similarly to the student model trained on seen lang, where using KD yields only a marginal increase.",
+          f"first half: weight-copied students trained on English - trained on seen languages within ±{margin:g} pts in every "
+          "(model, dataset, init, KD), on unseen languages",
+          [contrast(lambda d: _SEEN(d) & d.init.isin(("from-teacher", "from-base")), ("model", "dataset", "init", "kd_"),
+                    _pair("english", "seen", "train_languages"))], kind="~", margin=margin, scope=("tsm", "universal-ner")),
+    Claim("4.2", "tsm, universal-ner: KD only marginal for English-trained",
+          "On the other hand, tsm and universal-ner perform similarly to the student model trained on seen lang, where using KD yields only a marginal increase.",
+          f"second half: weight-copied students trained on English, KD - no KD within ±{margin:g} pts in every (model, dataset, init)",
+          [contrast(lambda d: _SEEN(d) & (d.train_languages == "english") & d.init.isin(("from-teacher", "from-base")),
+                    ("model", "dataset", "init"), _pair("KD", "no KD", "kd_"))], kind="~", margin=margin, scope=("tsm", "universal-ner")),
     Claim("4.3", "English-only teacher: massive drops",
           "Compared to using a fine-tuned teacher model with seen lang, we can see that massive performance dropped by about 12%, while it slightly improved for tsm and universal-ner.",
           "first half: from-teacher + KD trained on English, English-only teacher - seen-language teacher < 0 in every model "
