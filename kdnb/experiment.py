@@ -983,6 +983,7 @@ STUDY_PRESETS = {
                  subset_datasets=["demo-intent"]),
     "cpu-real": dict(models=["embedded"], datasets=["massive-8", "tsm"],   # universal-ner: see CPU_REAL
                      seeds=CPU_REAL["seeds"], section_seeds={"4.3": [42], "5.2": [42]}, half_width_seeds={"tsm": [42]},
+                     section_datasets={"4.2": ["tsm"], "4.3": ["tsm"]},   # massive-8 on 4.1, 5.1 and the subsets: the budget
                      epochs=CPU_REAL["epochs"], eval_steps=0.5, batch_size=16, learning_rate=CPU_REAL["learning_rate"],
                      max_length=32, trim=True, train_sample=CPU_REAL["train_sample"], eval_subset=100,
                      subsets=[0.1, 0.25, None], subset_datasets=["massive-8"]),
@@ -991,7 +992,8 @@ STUDY_PRESETS = {
                   batch_size=8, max_length=128, trim=False, subsets=[0.01, 0.05, 0.1, 0.2, None],
                   subset_datasets=["massive"]),
 }
-_PRESET_KEYS = ("models", "datasets", "seeds", "section_seeds", "half_width_seeds", "subsets", "subset_datasets")
+_PRESET_KEYS = ("models", "datasets", "seeds", "section_seeds", "half_width_seeds", "section_datasets", "subsets",
+                "subset_datasets")
 
 def _half_width_seeds(p, dataset, seed):
     "The seeds with 4.1's half-width students on `dataset`: `half_width_seeds` (a list, or per dataset), else every seed."
@@ -1036,6 +1038,7 @@ def section_grid(section:str|list, # a paper section in `SECTIONS` (or a list of
     out = {}
     for sec in sections:
         datasets = p.get("subset_datasets") or p["datasets"] if sec in ("5.2", "5.3") else p["datasets"]
+        datasets = [d for d in datasets if d in (p.get("section_datasets") or {}).get(sec, datasets)]   # a section's own datasets
         for model, ds in itertools.product(p["models"], datasets):
             for seed in _section_seeds(p, sec, ds):
                 fixed = {k: v for k, v in p.items() if k not in _PRESET_KEYS}
