@@ -119,6 +119,8 @@ def _check_langs(spec, field):
     try: select_languages(spec.dataset, v if isinstance(v, str) else list(v))
     except (ValueError, KeyError) as e: raise SpecError(f"Spec.{field}={_fmt(v)} is invalid: {e}") from None
 
+from .train import _steps_ok
+
 @patch
 def validate(self:Spec):
     "Raise `SpecError` naming the first invalid field and its allowed values; return the spec."
@@ -150,7 +152,7 @@ def validate(self:Spec):
             raise _bad(f, v, "None (all data), a fraction in (0, 1], or an int count per language >= 1")
     if not _is_int(self.seed): raise _bad("seed", self.seed, "an int")
     if not (_is_num(self.epochs) and self.epochs > 0): raise _bad("epochs", self.epochs, "a number > 0")
-    if not ((_is_int(self.eval_steps) and self.eval_steps >= 1) or (isinstance(self.eval_steps, float) and 0 < self.eval_steps < 1)):
+    if not _steps_ok(self.eval_steps):   # the rule TrainSettings applies
         raise _bad("eval_steps", self.eval_steps, "an int >= 1 (steps) or a float in (0, 1) (that fraction of the run)")
     if not (_is_int(self.max_steps) and (self.max_steps == -1 or self.max_steps >= 1)):
         raise _bad("max_steps", self.max_steps, "-1 (run all epochs) or an int >= 1")
