@@ -257,6 +257,7 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
               bf16:bool|None=None, # True/False: train in bf16 or fp32 (sets `KDNB_BF16`); None: kdnb's "auto"
               report_to:str|list|None=None, # trackers every training reports to (sets `KDNB_REPORT_TO`); None: as set
               workers:int|str|None="auto", # worker processes per grid (sets `KDNB_WORKERS`): an int, `auto`, None (leave it)
+              pool:bool=True, # first run every section's specs in one grid (one pool of workers); the notebooks then render
               stall_timeout:float|None=STALL_TIMEOUT, # s a busy kernel may be silent *and* CPU-idle before its notebook fails (None: never)
               idle_timeout:float|None=IDLE_TIMEOUT, # s a kernel may sit idle with a cell's reply missing before its notebook fails (None: never)
              ) -> Path:
@@ -277,6 +278,7 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
     if workers is not None: plan_workers(workers); env[WORKERS_ENV] = str(workers)   # a bad value fails here
     with mock.patch.dict(os.environ, env): precision = "bf16" if resolve_bf16("auto") else "fp32"   # what the notebooks will use
     if report_to is not None: env[REPORT_ENV] = ",".join(resolve_report_to(report_to)) or "none"
+    if data_dir: env["KDNB_DATA_DIR"] = str(Path(data_dir).resolve())   # for the pooled grid (the notebooks set it too)
     log = dict(command=" ".join(map(shlex.quote, sys.argv)), preset=preset, parameters=params, precision=precision, workers=workers,
                report_to=env.get(REPORT_ENV, os.environ.get(REPORT_ENV, "none")),
                stall_timeout=stall_timeout, idle_timeout=idle_timeout, started=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -284,6 +286,7 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
     bar = tqdm(names, desc=f"kdnb batch {preset}", unit="notebook", disable=not progress)
     if specs := batch_specs(names, preset, params): Store(study_dir).register(specs)   # the whole batch's plan, for one ETA
     with mock.patch.dict(os.environ, env), watch(study_dir, [s.spec_id for s in specs] or None, disable=not progress) as runs:
+        if pool and specs: _pooled_grid(specs, study_dir, log, runs)
         for name in bar:   # papermill's kernels inherit the environment; `runs` shows the runs of the store
             bar.set_postfix_str(name); runs.note = name
             t0, status, error = time.time(), "ok", None
@@ -303,10 +306,20 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
         raise BatchError(f"{len(failed)} notebook(s) failed: {', '.join(failed)}. Their executed copies in {folder} show the error.")
     return folder
 
+def _pooled_grid(specs, study_dir, log, runs):
+    "Run the whole batch's specs in one grid (teachers first, every worker busy until the last run); record its time."
+    from kdnb.runner import run_grid   # heavy (torch): only when the batch pools its grid
+    runs.note, t0 = "every section's runs", time.time()
+    try: run_grid(specs, study_dir, progress=False, errors="warn")   # workers: KDNB_WORKERS; failures are warned, the notebooks retry them
+    except Exception as e: tqdm.write(f"kdnb batch: the pooled grid stopped ({type(e).__name__}: {e}); the notebooks run what is left.")
+    log["grid"] = dict(specs=len(specs), seconds=round(time.time() - t0, 1))
+
 def _write_log(folder, log):
     (folder/"batch.json").write_text(json.dumps(log, indent=1))
     rows = "\n".join(f"| {n['name']} | {n['status']} | {n['seconds']:.0f} |" for n in log["notebooks"])
-    total = sum(n["seconds"] for n in log["notebooks"])
+    g = log.get("grid")
+    if g: rows = f"| every section's {g['specs']} runs, one grid | done | {g['seconds']:.0f} |\n" + rows
+    total = sum(n["seconds"] for n in log["notebooks"]) + (g["seconds"] if g else 0)
     (folder/"README.md").write_text(
         f"# kdnb batch: preset `{log['preset']}`\n\nCommand: `{log['command']}`  \nStarted {log['started']} on "
         f"{log['host']} (Python {log['python']}; " + ", ".join(f"{k} {v}" for k, v in log["versions"].items()) + ")\n\n"
@@ -345,6 +358,7 @@ def batch_arguments(p:argparse.ArgumentParser, # the `batch` subcommand's parser
                         "... comma-separated, or none (default: env KDNB_REPORT_TO, else none)")
     p.add_argument("--workers", default="auto", help="worker processes per grid: an int, or auto (one per core on CPU, one "
                    "per GPU) (default: auto); sets KDNB_WORKERS for the notebooks")
+    p.add_argument("--no-pool", action="store_true", help="run each notebook's grid in its notebook, not every section's runs in one grid first")
     p.add_argument("--log-output", action="store_true", help="stream the notebooks' own output (papermill log_output)")
     p.add_argument("--stall-timeout", type=float, default=STALL_TIMEOUT, metavar="S",
                    help=f"fail a notebook whose kernel is busy but silent and CPU-idle for S seconds; 0: never (default {STALL_TIMEOUT:g})")
@@ -370,7 +384,7 @@ def batch_main(args:argparse.Namespace, # parsed arguments of `batch_arguments`
     try:
         folder = run_batch(args.preset, out=args.out, notebooks=args.only, study_dir=args.study_dir, data_dir=args.data_dir,
                            parameters=dict(args.params), notebooks_dir=args.notebooks_dir, folder=args.folder,
-                           kernel_name=args.kernel, progress=not args.no_progress, log_output=args.log_output, workers=args.workers,
+                           kernel_name=args.kernel, progress=not args.no_progress, log_output=args.log_output, workers=args.workers, pool=not args.no_pool,
                            bf16={"auto": None, "on": True, "off": False}[args.bf16], report_to=args.report_to,
                            stall_timeout=args.stall_timeout or None, idle_timeout=args.idle_timeout or None)
     except BatchError as e:

@@ -83,6 +83,9 @@ _MASSIVE_LOCALES = (
 _MASSIVE_UNSEEN = ("am-ET cy-GB af-ZA km-KH sw-KE mn-MN tl-PH kn-IN te-IN sq-AL ur-PK az-AZ ml-IN ms-MY ca-ES sl-SL "
                    "sv-SE ta-IN nl-NL it-IT he-IL pl-PL da-DK nb-NO ro-RO th-TH fa-IR").split()
 
+_MASSIVE_8_SEEN = ("de-DE", "en-US", "ja-JP", "ru-RU")     # four of the paper's seen locales, four scripts
+_MASSIVE_8_UNSEEN = ("cy-GB", "nl-NL", "sw-KE", "th-TH")   # four of its unseen ones: two low-resource, two high
+
 BENCHMARKS = {b.name: b for b in [
     Benchmark("massive", "classification", tuple(_MASSIVE_LOCALES), tuple(_MASSIVE_UNSEEN), "en-US", MASSIVE_INTENTS,
               folder="massive", hub="AmazonScience/massive",
@@ -98,6 +101,9 @@ BENCHMARKS = {b.name: b for b in [
               test_only=("ceb_gja", "de_pud", "en_pud", "pt_pud", "ru_pud", "sv_pud", "tl_trg", "tl_ugnayan", "zh_pud"),
               folder="universal-ner", hub="universalner/universal_ner",
               layout="universal-ner/<treebank>/<treebank>-ud-{train,dev,test}.iob2: UNER v1 files", reader="iob2"),
+    Benchmark("massive-8", "classification", tuple(sorted(_MASSIVE_8_SEEN + _MASSIVE_8_UNSEEN)), _MASSIVE_8_UNSEEN, "en-US",
+              MASSIVE_INTENTS, folder="massive", hub="AmazonScience/massive",
+              layout="massive/<locale>.jsonl.gz (or .jsonl): MASSIVE 1.1 JSON Lines, one file per locale", reader="massive"),
     Benchmark("demo-intent", "classification", ("en", "de", "fr", "es", "pt", "ru", "ar", "zh"), ("pt", "ru", "ar"),
               "en", DEMO_INTENTS, layout="kdnb/assets/demo_intent.jsonl", reader="demo"),
     Benchmark("demo-ner", "ner", ("en", "de", "es", "fr"), ("fr",), "en", NER_LABELS,

@@ -13,7 +13,7 @@ __all__ = ['KD_LABELS', 'DATASET_ANALOGUES', 'KEYS', 'DONE', 'init_order', 'norm
 
 # %% ../nbs/13_frames.ipynb #b6c1bbf3
 KD_LABELS = {True: "KD", False: "no KD", None: "—"} # how `kd` reads in tables
-DATASET_ANALOGUES = {"demo-intent": "massive", "demo-ner": "universal-ner"} # demo data -> the paper dataset it stands in for
+DATASET_ANALOGUES = {"demo-intent": "massive", "demo-ner": "universal-ner", "massive-8": "massive"} # demo data and samples -> the paper dataset they stand in for
 KEYS = ("model", "dataset", "init", "kd", "width", "train_languages", "test_languages", "teacher_languages", "subset")
 
 def init_order()->tuple:

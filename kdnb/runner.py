@@ -308,7 +308,7 @@ def _data(spec:Spec, train_languages, test_languages, old2new):
 def _settings(spec:Spec):
     "`kdnb.train.TrainSettings` for `spec`."
     return TrainSettings(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
-                         eval_steps=spec.eval_steps, logging_steps=max(1, min(10, spec.eval_steps)), seed=spec.seed,
+                         eval_steps=spec.eval_steps, logging_steps=max(1, min(10, spec.eval_steps)) if isinstance(spec.eval_steps, int) else 5, seed=spec.seed,
                          max_length=spec.max_length, max_steps=spec.max_steps)
 
 _CURVE_KEYS = ("step", "epoch", "loss", "att", "hid", "embd", "pred", "clf", "wall_time", "eval_f1", "eval_loss")

@@ -61,7 +61,7 @@ class Spec:
     eval_subset:float|int|None=None # dev and test: a fraction or a count per language, to keep CPU runs short (None: all)
     seed:int=42 # seed of the model initialization and training (data samples are drawn with a fixed seed)
     epochs:float=30.0 # training epochs (paper: 30)
-    eval_steps:int=500 # evaluate on dev (and checkpoint) every this many steps
+    eval_steps:int|float=500 # evaluate on dev (and checkpoint) every this many steps (a float in (0, 1): that fraction of the run)
     max_steps:int=-1 # stop after this many steps (-1: run all epochs)
     batch_size:int=32 # training batch size
     learning_rate:float=5e-5 # AdamW learning rate (transformers' default)
@@ -101,6 +101,9 @@ def _bad(field, value, allowed):
 
 def _is_int(v): return isinstance(v, int) and not isinstance(v, bool)
 def _is_num(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _steps_ok(v)->bool:
+    "An evaluation interval: an int >= 1 (steps) or a float in (0, 1) (that fraction of the run, as `TrainingArguments` reads it)."
+    return (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v < 1)
 
 _STORED = contextvars.ContextVar("kdnb_stored_spec", default=False) # True: a spec read back from a store, its data may be absent
 
@@ -147,7 +150,8 @@ def validate(self:Spec):
             raise _bad(f, v, "None (all data), a fraction in (0, 1], or an int count per language >= 1")
     if not _is_int(self.seed): raise _bad("seed", self.seed, "an int")
     if not (_is_num(self.epochs) and self.epochs > 0): raise _bad("epochs", self.epochs, "a number > 0")
-    if not (_is_int(self.eval_steps) and self.eval_steps >= 1): raise _bad("eval_steps", self.eval_steps, "an int >= 1")
+    if not _steps_ok(self.eval_steps):   # the rule TrainSettings applies
+        raise _bad("eval_steps", self.eval_steps, "an int >= 1 (steps) or a float in (0, 1) (that fraction of the run)")
     if not (_is_int(self.max_steps) and (self.max_steps == -1 or self.max_steps >= 1)):
         raise _bad("max_steps", self.max_steps, "-1 (run all epochs) or an int >= 1")
     if not (_is_int(self.batch_size) and self.batch_size >= 1): raise _bad("batch_size", self.batch_size, "an int >= 1")

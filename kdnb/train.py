@@ -21,6 +21,7 @@ from .data import collator, tokenize, NER_LABELS
 from .losses import kd_loss_for, teacher_outputs
 from .metrics import compute_metrics, scores_by_language
 from .checkpoints import TrainingDiverged, last_checkpoint, resume_checkpoint, _CKPT, _quarantine_bad_checkpoints
+from .spec import _steps_ok   # what an evaluation interval may be (one rule for specs and settings)
 
 # %% auto #0
 __all__ = ['TRAIN_SETTINGS', 'BF16_ENV', 'REPORT_ENV', 'KD_ATTR', 'MODEL_COLUMNS', 'TrainSettings', 'as_settings', 'resolve_bf16',
@@ -35,7 +36,7 @@ class TrainSettings:
     learning_rate:float=5e-5 # AdamW learning rate (transformers default)
     batch_size:int=32 # training batch size per device
     eval_batch_size:int=64 # evaluation batch size per device
-    eval_steps:int=500 # evaluate dev F1 and save a checkpoint every this many optimizer steps
+    eval_steps:int|float=500 # evaluate dev F1 and save a checkpoint every this many optimizer steps (a float in (0, 1): that fraction of the run)
     logging_steps:int=10 # log the loss (and KD terms) every this many steps
     seed:int=42 # seed of the Trainer (data order, dropout)
     max_length:int=128 # tokenizer truncation length, for callers that tokenize
@@ -47,12 +48,14 @@ class TrainSettings:
     report_to:str|list|None=None # experiment trackers ("tensorboard", "mlflow", "wandb", ..., "none"); None: env KDNB_REPORT_TO, else none
 
     def __post_init__(self):
-        pos = ("batch_size", "eval_batch_size", "eval_steps", "logging_steps", "save_total_limit", "max_length",
+        pos = ("batch_size", "eval_batch_size", "logging_steps", "save_total_limit", "max_length",
                "gradient_accumulation_steps")
         for f in pos:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"TrainSettings.{f} must be a positive integer, got {v!r}.")
+        if not (_steps_ok(self.eval_steps)):
+            raise ValueError(f"TrainSettings.eval_steps must be a positive integer or a fraction of the run in (0, 1), got {self.eval_steps!r}.")
         if not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
             raise ValueError(f"TrainSettings.epochs must be a positive number, got {self.epochs!r}.")
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):

@@ -109,6 +109,16 @@ def test_massive_parallel_labels():
         assert list(df.label[df.language == "en-US"]) == list(df.label[df.language == "sw-KE"])
 
 
+def test_massive_8_is_a_sample_of_massive():
+    "massive-8 (the cpu-real preset's massive) reads the same files: four seen and four unseen locales of Table 1."
+    _need("massive")
+    b = BENCHMARKS["massive-8"]
+    assert set(b.unseen) <= set(TABLE1_UNSEEN["massive"]) and len(b.unseen) == 4
+    assert set(b.seen).isdisjoint(TABLE1_UNSEEN["massive"]) and len(b.seen) == 4 and b.english in b.seen
+    small, full = load_benchmark("massive-8", languages="unseen"), load_benchmark("massive", languages=list(b.unseen))
+    for s in SPLITS: assert small[s].to_dict() == full[s].to_dict()
+
+
 # ---------------------------------------------------------------- universal-ner
 # README table: treebank -> split -> (sentences, tokens, PER, ORG, LOC mentions)
 UNER = {
