@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_losses.ipynb #dbe44d04
 from __future__ import annotations
-import inspect
+import hashlib, inspect, os
 from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
@@ -12,9 +12,9 @@ from torch import nn
 from .initialize import teacher_layers
 
 # %% auto #0
-__all__ = ['TERMS', 'check_attentions', 'model_outputs', 'teacher_outputs', 'attention_dropout_off', 'masked_mse',
-           'attention_loss', 'real_tokens', 'hidden_loss', 'embedding_loss', 'prediction_loss', 'classification_loss',
-           'KDLoss', 'kd_loss_for']
+__all__ = ['CACHE_ENV', 'TEACHER_CACHE', 'TERMS', 'check_attentions', 'model_outputs', 'teacher_outputs', 'TeacherCache',
+           'attention_dropout_off', 'masked_mse', 'attention_loss', 'real_tokens', 'hidden_loss', 'embedding_loss',
+           'prediction_loss', 'classification_loss', 'KDLoss', 'kd_loss_for']
 
 # %% ../nbs/06_losses.ipynb #24bf9396
 def check_attentions(model:nn.Module, # a transformers model
@@ -91,6 +91,82 @@ def teacher_outputs(teacher:nn.Module, # the fine-tuned teacher (eager attention
         if bad: raise ValueError(f"layers {list(layers)} name teacher layers {bad}, but the teacher has {n} (0-based).")
         out = _selected_outputs(teacher, _model_inputs(teacher, batch), [int(k) for k in layers], attentions)
         return out if out is not None else model_outputs(teacher, batch, attentions)
+
+
+# %% ../nbs/06_losses.ipynb #a7960b80
+CACHE_ENV = "KDNB_TEACHER_CACHE_MB" # memory budget (MB) of the teacher-output cache; 0 turns it off
+
+def _tensors(out):
+    yield out.logits
+    for group in (out.hidden_states, out.attentions):
+        yield from (t for t in group or () if t is not None)
+
+def _digest(tensors)->str:
+    "A hash of the tensors' exact contents, dtypes and shapes."
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+def _default_mb()->float:
+    "An eighth of the machine's memory, at most 2 GB: room for a few workers' caches beside their models."
+    try: ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (ValueError, OSError, AttributeError): ram = 8192   # not a POSIX system: assume 8 GB
+    return min(2048., ram / 8)
+
+class TeacherCache:
+    "The teacher's outputs per batch, for the KD students that see the same batches: identical tensors, computed once."
+    def __init__(self, max_mb:float|None=None # budget in MB; None: `$KDNB_TEACHER_CACHE_MB`, else on a CPU an eighth of the memory (at most 2048), on a GPU 0
+                ):
+        self.max_mb, self.entries, self.nbytes, self.hits, self.misses = max_mb, {}, 0, 0, 0
+
+    def budget(self, device:torch.device)->int:
+        "The budget in bytes for a teacher on `device`."
+        mb = self.max_mb if self.max_mb is not None else os.environ.get(CACHE_ENV) or (_default_mb() if device.type == "cpu" else 0)
+        try: mb = float(mb)
+        except ValueError: raise ValueError(f"{CACHE_ENV}={mb!r} is not a number of megabytes; use e.g. 1024, or 0 to turn the cache off.") from None
+        return int(mb * 2**20)
+
+    def fingerprint(self, teacher:nn.Module)->str|None:
+        "The key of `teacher`'s weights (None when the cache is off for its device)."
+        dev = next(teacher.parameters()).device
+        return _digest(teacher.state_dict().values()) + str(dev) if self.budget(dev) > 0 else None
+
+    def outputs(self, teacher:nn.Module, # the fine-tuned teacher (eager attention)
+                fingerprint:str|None, # `self.fingerprint(teacher)`, computed once per training; None: no caching
+                batch:dict, # tokenized batch
+                attentions:bool=True, # also return attention maps
+                layers:list|None=None # as in `teacher_outputs`
+               ):
+        "`teacher_outputs(teacher, batch, attentions, layers)`, from the cache when this teacher has seen this batch."
+        if fingerprint is None: return teacher_outputs(teacher, batch, attentions, layers)
+        dev = next(teacher.parameters()).device
+        key = (fingerprint, _digest(_model_inputs(teacher, batch).values()), attentions, tuple(layers or ()),
+               torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
+        if (hit := self.entries.get(key)) is not None:
+            self.hits += 1
+            return hit[0]
+        self.misses += 1
+        out = teacher_outputs(teacher, batch, attentions, layers)
+        self._add(key, out, self.budget(dev))
+        return out
+
+    def _add(self, key, out, budget):
+        size = sum(t.numel() * t.element_size() for t in _tensors(out))
+        for k in [k for k in self.entries if k[0] != key[0]]:   # other teachers' batches go first, oldest first
+            if self.nbytes + size <= budget: break
+            self.nbytes -= self.entries.pop(k)[1]
+        if self.nbytes + size > budget: return   # full of this teacher: keep the batches it has
+        self.entries[key] = (out, size)
+        self.nbytes += size
+
+    def clear(self):
+        "Forget every entry and the counts."
+        self.entries.clear(); self.nbytes = self.hits = self.misses = 0
+
+TEACHER_CACHE = TeacherCache() # the process's cache, shared by every distillation it runs
 
 
 # %% ../nbs/06_losses.ipynb #645fcf87

@@ -18,7 +18,7 @@ from transformers.trainer_callback import PrinterCallback
 import kdnb
 from .models import auto_class
 from .data import collator, tokenize, NER_LABELS
-from .losses import kd_loss_for, teacher_outputs
+from .losses import kd_loss_for, TEACHER_CACHE
 from .metrics import compute_metrics, scores_by_language
 from .checkpoints import TrainingDiverged, last_checkpoint, resume_checkpoint, _CKPT, _quarantine_bad_checkpoints
 from .spec import _steps_ok   # what an evaluation interval may be (one rule for specs and settings)
@@ -178,6 +178,10 @@ class KdnbTrainer(Trainer):
                                f"{detail}. {where} Lower the learning rate (now {self.args.learning_rate:g}) "
                                "or check the inputs and the teacher.")
 
+    def run_meta(self)->dict:
+        "Extra facts about the training for its `kdnb_run.json`."
+        return {}
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if model.training: self.check_finite(out[0] if return_outputs else out)
@@ -199,6 +203,12 @@ class DistillationTrainer(KdnbTrainer):
         self.teacher = teacher.eval().requires_grad_(False).to(self.args.device)
         self.loss_is_scaled_for_ga = False  # KDLoss is a per-batch mean
         self._kd_sums, self._kd_n = {}, 0
+        self._fp = TEACHER_CACHE.fingerprint(self.teacher)   # its outputs per batch are kept for the next student
+        self._hits0, self._misses0 = TEACHER_CACHE.hits, TEACHER_CACHE.misses
+
+    def run_meta(self)->dict:
+        "How many batches' teacher outputs came from `kdnb.losses.TEACHER_CACHE` in this training."
+        return dict(teacher_cache=dict(hits=TEACHER_CACHE.hits - self._hits0, misses=TEACHER_CACHE.misses - self._misses0))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training: return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -206,7 +216,7 @@ class DistillationTrainer(KdnbTrainer):
         s_out = model(**{k: v for k, v in inputs.items() if k != "labels"}, output_attentions=att,
                       output_hidden_states=True)
         with self.accelerator.autocast():   # eval mode, no gradients, only the mapped layers' outputs kept
-            t_out = teacher_outputs(self.teacher, inputs, attentions=att, layers=self.kd_loss.teacher_layers)
+            t_out = TEACHER_CACHE.outputs(self.teacher, self._fp, inputs, attentions=att, layers=self.kd_loss.teacher_layers)
         total, terms = self.kd_loss(s_out, t_out, labels, inputs["attention_mask"])
         self.check_finite(total, terms)
         for k, v in terms.items():
@@ -331,7 +341,7 @@ def _train(trainer_cls, model, data, *, task, label_names, tokenizer, out_dir, s
                    label_names=list(label_names), settings=asdict(settings), best_dev_f1=best_f1, best_step=best_step,
                    global_step=st.global_step, wall_time=wall, best_checkpoint=st.best_model_checkpoint,
                    device=str(trainer.args.device), bf16=trainer.args.bf16, world_size=trainer.args.world_size,
-                   **(meta or {}))
+                   **(meta or {}), **trainer.run_meta())
         proj = _save_run(trainer, kd, out_dir, best_dir, run)
     model.eval()
     return TrainResult(model=model, best_dev_f1=best_f1, best_step=best_step, wall_time=wall,
