@@ -159,7 +159,7 @@ def _evaluate(unit, runs):
         seeds.append(len(rows))
     if reps is None or np.ndim(reps) == 0:
         return float(point), np.nan, np.nan, min(seeds), "point numbers (no per-example predictions)"
-    lo, hi = interval(reps)
+    lo, hi = interval(reps, point=point)   # re-centred on the point: macro-F1's replicates are biased on small test sets
     return float(point), lo, hi, min(seeds), f"paired bootstrap ({runs.n_boot} resamples within languages, seeds averaged)"
 
 def _pooled(units, pool):

@@ -110,9 +110,12 @@ def replicates(preds:pd.DataFrame, # per-example predictions of one run (`read_p
 
 def interval(reps, # bootstrap replicates of a statistic
              level:float=0.95, # confidence level
+             point:float|None=None, # the statistic on the test set itself: the interval is moved by the replicates' bias
             ) -> tuple:
-    "The percentile bootstrap interval (low, high) of `reps`."
-    return tuple(float(v) for v in np.quantile(np.asarray(reps), [(1 - level) / 2, (1 + level) / 2]))
+    "The percentile bootstrap interval (low, high) of `reps`; with `point`, shifted by `point - mean(reps)`."
+    reps = np.asarray(reps, dtype=float)
+    shift = 0. if point is None else point - reps.mean()   # minus the bootstrap's estimate of its own bias
+    return tuple(float(v + shift) for v in np.quantile(reps, [(1 - level) / 2, (1 + level) / 2]))
 
 # %% ../nbs/25_stats.ipynb #9165ed12
 def paired_difference(a:pd.DataFrame, # per-example predictions of system A (`read_predictions`)
@@ -126,5 +129,5 @@ def paired_difference(a:pd.DataFrame, # per-example predictions of system A (`re
     if len(a) != len(b) or list(a.language) != list(b.language) or list(map(str, a.gold)) != list(map(str, b.gold)):
         raise ValueError("A paired bootstrap needs both systems' predictions on the same test examples, in the same order.")
     (pa, ra), (pb, rb) = replicates(a, task, key, n_boot), replicates(b, task, key, n_boot)
-    lo, hi = interval((ra - rb) * 100, level)
+    lo, hi = interval((ra - rb) * 100, level, point=(pa - pb) * 100)
     return dict(diff=(pa - pb) * 100, low=lo, high=hi)
