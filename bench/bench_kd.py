@@ -20,6 +20,7 @@ def _use_kdnb_from(argv):
         sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]   # the -e install's finder
         sys.path.insert(0, str(Path(argv[argv.index("--kdnb") + 1]).resolve()))
 _use_kdnb_from(sys.argv)
+os.environ["KDNB_TEACHER_CACHE_MB"] = "0"   # every timed step repeats one batch: kdnb's teacher cache would skip the teacher
 
 import kdnb
 from kdnb.models import EMBEDDED, count_parameters, load_model, load_tokenizer, tiny_model, trim_vocab, used_token_ids
