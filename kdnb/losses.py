@@ -155,9 +155,10 @@ class TeacherCache:
 
     def _add(self, key, out, budget):
         size = sum(t.numel() * t.element_size() for t in _tensors(out))
-        for k in [k for k in self.entries if k[0] != key[0]]:   # other teachers' batches go first, oldest first
-            if self.nbytes + size <= budget: break
-            self.nbytes -= self.entries.pop(k)[1]
+        if self.nbytes + size > budget:   # other teachers' batches go first, oldest first
+            for k in [k for k in self.entries if k[0] != key[0]]:
+                self.nbytes -= self.entries.pop(k)[1]
+                if self.nbytes + size <= budget: break
         if self.nbytes + size > budget: return   # full of this teacher: keep the batches it has
         self.entries[key] = (out, size)
         self.nbytes += size

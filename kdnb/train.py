@@ -54,7 +54,7 @@ class TrainSettings:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"TrainSettings.{f} must be a positive integer, got {v!r}.")
-        if not (_steps_ok(self.eval_steps)):
+        if not _steps_ok(self.eval_steps):
             raise ValueError(f"TrainSettings.eval_steps must be a positive integer or a fraction of the run in (0, 1), got {self.eval_steps!r}.")
         if not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
             raise ValueError(f"TrainSettings.epochs must be a positive number, got {self.epochs!r}.")
