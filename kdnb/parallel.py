@@ -105,6 +105,10 @@ def _describe(spec_json:str)->str:
     except Exception: return "?"
     return f"{s.dataset} {s.label}" + (f" subset {s.subset:g}" if s.subset else "") + f" seed {s.seed}"
 
+def _spec_id(spec_json:str)->str|None:
+    try: return Spec.from_json(spec_json).spec_id
+    except Exception: return None
+
 def progress(study_dir, # a study folder (or its `results.sqlite`)
              spec_ids:Iterable[str]|None=None, # count only these specs (absent ones are pending); None: every run
             )->Progress:
@@ -119,6 +123,8 @@ def progress(study_dir, # a study folder (or its `results.sqlite`)
         except sqlite3.OperationalError as e:
             if "no such table" not in str(e): raise
         finally: con.close()
+    teachers = [(spec, owner, lease) for spec, owner, lease in teachers if claim_alive(owner, lease)]
+    training = {_spec_id(spec) for spec, *_ in teachers}   # a teacher's own run stays pending while a worker trains it
     p, seen = Progress(), set()
     for key, spec, status, owner, lease, error in rows:
         if want is not None and key not in want: continue
@@ -126,10 +132,10 @@ def progress(study_dir, # a study folder (or its `results.sqlite`)
         if status == "done": p.done += 1
         elif status == "failed": p.failed += 1; p.failures[key] = (_describe(spec), error)
         elif status == "running" and claim_alive(owner, lease): p.running += 1; p.running_specs.append(_describe(spec))
+        elif key in training: p.running += 1
         else: p.pending += 1
     if want is not None: p.pending += len(want - seen)
-    for spec, owner, lease in teachers:   # teachers being trained: shown with the running specs
-        if claim_alive(owner, lease): p.running_specs.insert(0, _describe(spec) + " (training)")
+    for spec, owner, lease in teachers: p.running_specs.insert(0, _describe(spec) + " (training)")   # shown first
     return p
 
 # %% ../nbs/24_parallel.ipynb #7281e07d
