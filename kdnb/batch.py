@@ -4,13 +4,14 @@
 
 # %% ../nbs/20_batch.ipynb #8d1138e5
 from __future__ import annotations
-import argparse, datetime, json, os, platform, shlex, sys, time
+import argparse, datetime, json, multiprocessing, os, platform, shlex, sys, time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from unittest import mock
 from pathlib import Path
 from tqdm.auto import tqdm
 from .paper import SECTIONS, STUDY_PRESETS   # every analysis notebook accepts every study preset
 from .train import BF16_ENV, REPORT_ENV, resolve_bf16, resolve_report_to
-from .parallel import WORKERS_ENV, plan_workers, batch_specs, watch
+from .parallel import WORKERS_ENV, plan_workers, batch_specs, cpu_cores, watch
 from .store import Store
 
 # %% auto #0
@@ -283,28 +284,51 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
                report_to=env.get(REPORT_ENV, os.environ.get(REPORT_ENV, "none")),
                stall_timeout=stall_timeout, idle_timeout=idle_timeout, started=time.strftime("%Y-%m-%d %H:%M:%S"),
                host=platform.node(), python=sys.version.split()[0], versions=_versions(), notebooks=[])
-    bar = tqdm(names, desc=f"kdnb batch {preset}", unit="notebook", disable=not progress)
+    bar = tqdm(total=len(names), desc=f"kdnb batch {preset}", unit="notebook", disable=not progress)
     if specs := batch_specs(names, preset, params): Store(study_dir).register(specs)   # the whole batch's plan, for one ETA
     with mock.patch.dict(os.environ, env), watch(study_dir, [s.spec_id for s in specs] or None, disable=not progress) as runs:
         if pool and specs: _pooled_grid(specs, study_dir, log, runs)
-        for name in bar:   # papermill's kernels inherit the environment; `runs` shows the runs of the store
-            bar.set_postfix_str(name); runs.note = name
-            t0, status, error = time.time(), "ok", None
-            try:
-                execute_notebook(src/f"{name}.ipynb", folder/f"{name}.ipynb", parameters=params, kernel_name=kernel_name,
-                                 log_output=log_output, cwd=str(Path.cwd()), stall_timeout=stall_timeout, idle_timeout=idle_timeout,
-                                 on_stall=lambda reason, name=name: tqdm.write(f"kdnb batch: {name} stalled: {reason}; interrupting it."))
-            except Exception as e:
-                status, error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-                tqdm.write(f"kdnb batch: {name} failed ({error}); continuing. See {folder/f'{name}.ipynb'}.")
-            log["notebooks"].append(dict(name=name, status=status, seconds=round(time.time() - t0, 1), error=error))
-            _write_log(folder, log)
+        kw = dict(parameters=params, kernel_name=kernel_name, log_output=log_output, cwd=str(Path.cwd()),
+                  stall_timeout=stall_timeout, idle_timeout=idle_timeout)   # papermill's kernels inherit the environment
+        n = 1 if log_output else _render_slots(names, specs, study_dir, workers)
+        entries = {}
+        def record(e):
+            entries[e["name"]] = e; bar.update()
+            log["notebooks"] = [entries[k] for k in names if k in entries]; _write_log(folder, log)
+        if n == 1:
+            for name in names:   # `runs` shows the runs of the store, and the notebook that may be running some
+                bar.set_postfix_str(name); runs.note = name
+                record(_render(name, src, folder, kw))
+        else:
+            from kdnb.batch import _render as render   # by name: the worker processes import it
+            runs.note = f"rendering, {n} notebooks at a time"; bar.set_postfix_str(runs.note)
+            with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as ex:
+                for f in as_completed([ex.submit(render, name, src, folder, kw) for name in names]): record(f.result())
+    bar.close()
     log["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     _write_log(folder, log)
     failed = [n["name"] for n in log["notebooks"] if n["status"] != "ok"]
     if failed and raise_on_error:
         raise BatchError(f"{len(failed)} notebook(s) failed: {', '.join(failed)}. Their executed copies in {folder} show the error.")
     return folder
+
+def _render(name, src, folder, kw):
+    "Execute notebook `name` from `src` into `folder`: its `batch.json` entry (a failure is caught and reported; the batch goes on)."
+    t0, status, error = time.time(), "ok", None
+    try:
+        execute_notebook(Path(src)/f"{name}.ipynb", Path(folder)/f"{name}.ipynb", **kw,
+                         on_stall=lambda reason: tqdm.write(f"kdnb batch: {name} stalled: {reason}; interrupting it."))
+    except Exception as e:
+        status, error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        tqdm.write(f"kdnb batch: {name} failed ({error}); continuing. See {Path(folder)/f'{name}.ipynb'}.")
+    return dict(name=name, status=status, seconds=round(time.time() - t0, 1), error=error)
+
+def _render_slots(names, specs, study_dir, workers)->int:
+    "How many notebooks to execute at once: one per worker once every run of the batch is done (they only render), else 1."
+    if len(names) < 2: return 1
+    status = {r["spec_id"]: r["status"] for r in Store(study_dir).rows()} if specs else {}
+    if any(status.get(s.spec_id) != "done" for s in specs): return 1   # a notebook may train: its grid gets the workers
+    return max(1, min(len(names), plan_workers(workers).workers, cpu_cores()))
 
 def _pooled_grid(specs, study_dir, log, runs):
     "Run the whole batch's specs in one grid (teachers first, every worker busy until the last run); record its time."

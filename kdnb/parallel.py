@@ -19,7 +19,7 @@ from .integrity import read_connection
 
 # %% auto #0
 __all__ = ['WORKERS_ENV', 'WORKER_MEMORY_GB', 'GRID_PARAMETERS', 'cpu_cores', 'visible_gpus', 'WorkerPlan', 'plan_workers',
-           'Progress', 'claim_alive', 'progress', 'watch', 'run_parallel', 'batch_specs']
+           'Progress', 'claim_alive', 'progress', 'watch', 'cache_group', 'run_parallel', 'batch_specs']
 
 # %% ../nbs/24_parallel.ipynb #1a51bd7e
 WORKERS_ENV = "KDNB_WORKERS" # run_grid's default number of worker processes: an int or `auto` (unset: 1, in-process)
@@ -249,6 +249,7 @@ class _Worker:
     proc:subprocess.Popen
     conn:object
     task:tuple|None=None
+    group:tuple|None=None # the cache group of the last KD student it ran (`cache_group`)
     def alive(self)->bool: return self.proc.poll() is None
 
 def _spawn(i:int, plan:WorkerPlan, args:tuple)->_Worker:
@@ -263,6 +264,21 @@ def _spawn(i:int, plan:WorkerPlan, args:tuple)->_Worker:
     there.close()
     here.send(args)
     return _Worker(p, here)
+
+# %% ../nbs/24_parallel.ipynb #9804c3e4
+def cache_group(spec)->tuple|None:
+    "The KD students whose teacher outputs a worker's `TeacherCache` shares: same teacher and batches (None: not a KD student)."
+    if not (spec.kd and spec.init not in ("teacher", "copy-only") and spec.teacher_key): return None
+    return (spec.teacher_key, spec.dataset, spec.train_languages, spec.subset, spec.train_sample, spec.seed,
+            spec.batch_size, spec.max_length)
+
+def _pick(free:list, # specs that can run now, in queue order
+          mine:tuple|None, # the cache group of the worker's last KD student
+          others:set, # the groups other busy workers hold
+         ):
+    "The spec an idle worker takes: one of its own cache group, else one of a group nobody holds, else the first (None: none free)."
+    for want in (lambda g: g is not None and g == mine, lambda g: g is None or g not in others, lambda g: True):
+        if s := next((s for s in free if want(cache_group(s))), None): return s
 
 # %% ../nbs/24_parallel.ipynb #09cf1a09
 def _give_up(store, kind, spec, since, msg):
@@ -311,17 +327,20 @@ def run_parallel(specs:Iterable, # specs (or spec dicts) to run
         if r and r["status"] == "done" and R._model_saved(R.teacher_dir(teachers[k], study_dir)/"best"): return "done"
         return "busy" if r and r["status"] == "running" and claim_alive(r["owner"], r["lease_until"]) else "todo"
     queue_t, queue_s, later, failed, deaths = list(teachers), list(todo), {}, {}, Counter()
-    def next_task():
+    def next_task(w):
         for k in list(queue_t):
             if (st := teacher_state(k)) == "done": queue_t.remove(k); ready.add(k)
             elif st == "todo": queue_t.remove(k); return ("teacher", teachers[k])
         now = time.time()
-        for s in queue_s:
+        def free(s):
             k = s.teacher_key
-            if later.get(s.spec_id, 0) > now: continue
-            if k in teachers and k not in ready and k not in broken: continue   # waits for its own teacher
-            if not real and k is not None and teacher_state_any(k) == "busy": continue   # a runner is training it
-            queue_s.remove(s); return ("spec", s)
+            if later.get(s.spec_id, 0) > now: return False
+            if k in teachers and k not in ready and k not in broken: return False   # waits for its own teacher
+            return real or k is None or teacher_state_any(k) != "busy"   # a stand-in runner: not while a runner trains it
+        others = {o.group for o in pool if o is not w and o.task}
+        if (s := _pick([s for s in queue_s if free(s)], w.group, others)) is None: return None
+        queue_s.remove(s); w.group = cache_group(s) or w.group
+        return ("spec", s)
     def teacher_state_any(k):
         r = store.row(k, "teachers")
         return "busy" if r and r["status"] == "running" and claim_alive(r["owner"], r["lease_until"]) else "other"
@@ -343,7 +362,7 @@ def run_parallel(specs:Iterable, # specs (or spec dicts) to run
             for _ in range(plan.workers): spawn()
             while queue_t or queue_s or any(w.task for w in pool):
                 for w in pool:
-                    if w.task is None and w.alive() and (task := next_task()) is not None:
+                    if w.task is None and w.alive() and (task := next_task(w)) is not None:
                         kind, s = task
                         w.task = task   # if the worker died just now, its death below puts the task back
                         with contextlib.suppress(OSError): w.conn.send((kind, s.to_json(), broken.get(s.teacher_key) if kind == "spec" else None))
