@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+import os, zipfile
 import numpy as np, pandas as pd
 from scipy import stats as sps
 from .frames import normalize, curves, DATASET_ANALOGUES, KD_LABELS
@@ -133,16 +134,28 @@ class _Runs:
             sub = r.get("eval_subset")
             key = f"{r['dataset']}|{r['test_languages']}|{'all' if sub is None or sub != sub else sub}"
             saved = p.with_name(f"bootstrap_{self.n_boot}.npz")   # replicates are costly on big test sets: kept beside the run
-            if saved.exists() and saved.stat().st_mtime >= p.stat().st_mtime:
-                z = np.load(saved)
-                if str(z["key"]) == key: self.cache[p] = (float(z["point"]), z["reps"]); return self.cache[p]
+            if (hit := _load_saved(saved, p, key)) is not None: self.cache[p] = hit; return hit
             pr = read_predictions(p)
             task = "ner" if len(pr) and isinstance(pr.gold.iloc[0], list) else "classification"
             pt, reps = replicates(pr, task, key, self.n_boot)
             self.cache[p] = (pt * 100, reps * 100)
-            try: np.savez(saved, key=key, point=pt * 100, reps=reps * 100)
-            except OSError: pass   # a read-only study: recompute next time
+            _save(saved, key=key, point=pt * 100, reps=reps * 100)
         return self.cache[p]
+
+def _load_saved(saved:Path, preds:Path, key:str):
+    "The replicates kept in `saved` when they are newer than `preds`, for `key`, and readable; else None (recompute)."
+    try:
+        if saved.stat().st_mtime < preds.stat().st_mtime: return None
+        with np.load(saved) as z: return (float(z["point"]), z["reps"]) if str(z["key"]) == key else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile): return None   # absent, or damaged: recompute
+
+def _save(saved:Path, **arrays):
+    "Write `arrays` to `saved` atomically (a temp file, then a rename), so a reader never sees half a file."
+    tmp = saved.with_name(f"{saved.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f: np.savez(f, **arrays)
+        os.replace(tmp, saved)
+    except OSError: tmp.unlink(missing_ok=True)   # a read-only study: recompute next time
 
 def _evaluate(unit, runs):
     "Point difference, its replicates (or None), seeds, and the method for one unit."

@@ -265,7 +265,7 @@ def _spawn(i:int, plan:WorkerPlan, args:tuple)->_Worker:
     here.send(args)
     return _Worker(p, here)
 
-# %% ../nbs/24_parallel.ipynb #9804c3e4
+# %% ../nbs/24_parallel.ipynb #47003fef
 def cache_group(spec)->tuple|None:
     "The KD students whose teacher outputs a worker's `TeacherCache` shares: same teacher and batches (None: not a KD student)."
     if not (spec.kd and spec.init not in ("teacher", "copy-only") and spec.teacher_key): return None
