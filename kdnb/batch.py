@@ -314,13 +314,14 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
 
 def _render(name, src, folder, kw):
     "Execute notebook `name` from `src` into `folder`: its `batch.json` entry (a failure is caught and reported; the batch goes on)."
+    def say(msg): tqdm.write(msg); sys.stdout.flush()   # now, also from a worker process whose stdout is a file
     t0, status, error = time.time(), "ok", None
     try:
         execute_notebook(Path(src)/f"{name}.ipynb", Path(folder)/f"{name}.ipynb", **kw,
-                         on_stall=lambda reason: tqdm.write(f"kdnb batch: {name} stalled: {reason}; interrupting it."))
+                         on_stall=lambda reason: say(f"kdnb batch: {name} stalled: {reason}; interrupting it."))
     except Exception as e:
         status, error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-        tqdm.write(f"kdnb batch: {name} failed ({error}); continuing. See {Path(folder)/f'{name}.ipynb'}.")
+        say(f"kdnb batch: {name} failed ({error}); continuing. See {Path(folder)/f'{name}.ipynb'}.")
     return dict(name=name, status=status, seconds=round(time.time() - t0, 1), error=error)
 
 def _render_slots(names, specs, study_dir, workers)->int:
