@@ -11,7 +11,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from .paper import SECTIONS, STUDY_PRESETS   # every analysis notebook accepts every study preset
 from .train import BF16_ENV, REPORT_ENV, resolve_bf16, resolve_report_to
-from .parallel import WORKERS_ENV, plan_workers, batch_specs, cpu_cores, watch
+from .parallel import WORKERS_ENV, plan_workers, batch_specs, cpu_cores, watch, progress as runs_progress
 from .store import Store
 
 # %% auto #0
@@ -327,8 +327,8 @@ def _render(name, src, folder, kw):
 def _render_slots(names, specs, study_dir, workers)->int:
     "How many notebooks to execute at once: one per worker once every run of the batch is done (they only render), else 1."
     if len(names) < 2: return 1
-    status = {r["spec_id"]: r["status"] for r in Store(study_dir).rows()} if specs else {}
-    if any(status.get(s.spec_id) != "done" for s in specs): return 1   # a notebook may train: its grid gets the workers
+    ids = {s.spec_id for s in specs}
+    if ids and runs_progress(study_dir, ids).done < len(ids): return 1   # a notebook may train: its grid gets the workers
     return max(1, min(len(names), plan_workers(workers).workers, cpu_cores()))
 
 def _pooled_grid(specs, study_dir, log, runs):
