@@ -4,14 +4,16 @@
 
 # %% ../nbs/08_checkpoints.ipynb #2512b8f6
 from __future__ import annotations
-import re, warnings
+import math, os, re, time, warnings
 from pathlib import Path
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 from .integrity import model_problem, quarantine
 
 # %% auto #0
-__all__ = ['TrainingDiverged', 'last_checkpoint', 'resume_checkpoint']
+__all__ = ['CHECKPOINT_ENV', 'BEST_FILE', 'TrainingDiverged', 'last_checkpoint', 'resume_checkpoint', 'checkpoint_every',
+           'BestInMemory']
 
 # %% ../nbs/08_checkpoints.ipynb #c7cefe03
 class TrainingDiverged(RuntimeError):
@@ -54,3 +56,59 @@ def resume_checkpoint(ckpt_dir:str|Path, # a Trainer output dir (`out_dir/checkp
         if quarantine_bad: quarantine(c, why)
         else: warnings.warn(f"{c} fails to load ({why}); skipping it.")
     return None
+
+# %% ../nbs/08_checkpoints.ipynb #7f4770b6
+CHECKPOINT_ENV = "KDNB_CHECKPOINT_EVERY"
+BEST_FILE = "kdnb_best.pt"
+
+def checkpoint_every(default:float=300. # seconds, when `$KDNB_CHECKPOINT_EVERY` is not set
+                    )->float:
+    "Seconds between the resume checkpoints of `kdnb run` / `kdnb batch`: `$KDNB_CHECKPOINT_EVERY`, else `default`."
+    v = os.environ.get(CHECKPOINT_ENV, "").strip()
+    if not v: return float(default)
+    try: s = float(v)
+    except ValueError: s = -1.
+    if not (math.isfinite(s) and s >= 0):
+        raise ValueError(f"{CHECKPOINT_ENV}={v!r} is not a number of seconds >= 0: set e.g. {CHECKPOINT_ENV}=300 "
+                         "(0: a checkpoint at every evaluation), or unset it.")
+    return s
+
+class BestInMemory(TrainerCallback):
+    "Keep the best model on dev F1 as a CPU copy; let an evaluation's checkpoint through only every `every` seconds."
+    def __init__(self, every:float, # seconds between resume checkpoints
+                 metric:str="eval_f1"): # the Trainer's `metric_for_best_model` (greater is better)
+        self.every, self.metric, self.best, self.step, self._last = every, metric, None, None, time.monotonic()
+
+    def _snapshot(self, model, step):
+        sd = model.state_dict()
+        if self.best is None or self.best.keys() != sd.keys(): self.best = {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+        else:   # into the same buffers: no new memory to fault in
+            for k, v in sd.items(): self.best[k].copy_(v.detach())
+        self.step = step
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self._last = time.monotonic()
+        if not state.global_step: return
+        f = Path(args.output_dir)/f"checkpoint-{state.global_step}"/BEST_FILE   # beside the checkpoint resumed from
+        if state.best_global_step == state.global_step: self._snapshot(model, state.global_step)
+        elif f.exists() and (saved := torch.load(f, weights_only=True))["step"] == state.best_global_step:
+            self.best, self.step = saved["state"], saved["step"]
+        else: state.best_metric = state.best_global_step = None   # its best model is not known: choose anew from here
+
+    def on_step_end(self, args, state, control, **kw):
+        if not control.should_save: return
+        if time.monotonic() - self._last < self.every: control.should_save = False; return
+        if self.best is not None and self.step != state.global_step:
+            d = Path(args.output_dir)/f"checkpoint-{state.global_step}"; d.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(step=self.step, state=self.best), d/BEST_FILE)
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
+        v = (metrics or {}).get(self.metric)   # the Trainer applies the same rule right after this
+        if v is not None and v > (float("-inf") if state.best_metric is None else state.best_metric):
+            self._snapshot(model, state.global_step)
+
+    def on_save(self, args, state, control, **kw): self._last = time.monotonic()
+
+    def restore(self, model):
+        "Load the best weights into `model` (nothing changes when no evaluation ran)."
+        if self.best is not None: model.load_state_dict(self.best)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_runner.ipynb #2713dabe
 from __future__ import annotations
-import contextlib, json, os, shutil, sqlite3, time, warnings
+import contextlib, copy, json, os, shutil, sqlite3, time, warnings
 from pathlib import Path
 from typing import Callable, Iterable
 from unittest import mock
@@ -21,7 +21,7 @@ from .loader import load_benchmark, _offline
 from .models import auto_class, tiny_model, load_model, load_tokenizer, trim_vocab, vocab_map, used_token_ids, remap_ids, tokenizer_map, count_parameters
 from .embedded import embedded_tokenizer
 from .initialize import INITIALIZATIONS, make_student
-from .checkpoints import resume_checkpoint
+from .checkpoints import resume_checkpoint, checkpoint_every
 from .train import TrainSettings, REPORT_ENV, resolve_report_to, fine_tune, distill, evaluate_by_language
 from .checks import check_data, check_student, student_shape
 from .userdata import own_teacher, register_datasets
@@ -218,6 +218,7 @@ def run_dir(spec:Spec, study_dir:str|Path)->Path:
 
 def check_ready(spec:Spec)->Spec:
     "Raise one clear error, before any training, when `spec` cannot run here (data files, model, student shape)."
+    checkpoint_every()   # $KDNB_CHECKPOINT_EVERY, if set, must be a number of seconds
     b = BENCHMARKS[spec.dataset]
     if b.folder is not None and not data_available(spec.dataset) and _offline():
         raise FileNotFoundError(f"No local data for dataset {spec.dataset!r} and the hub is offline: put it in "
@@ -261,9 +262,13 @@ def _keep_ids(spec:Spec, study_dir):
         return ids
     return _memo(("keep", str(p)), make)
 
+_BASES = {}   # trimmed base models built in this process: a copy is cheaper than reloading the full vocabulary
+
 def _base_model(spec:Spec, study_dir):
-    "The pre-trained model of `spec` with a fresh task head, trimmed when `spec.trim`."
+    "The pre-trained model of `spec` with a fresh task head, trimmed when `spec.trim` (then built once per process and copied)."
     task, labels = _task(spec)
+    key = (spec.base or spec.model, spec.dataset, task, tuple(labels), spec.seed, spec.max_length, spec.teacher, str(study_dir))
+    if spec.trim and key in _BASES: return copy.deepcopy(_BASES[key])   # the same weights: the head is seeded below
     transformers.set_seed(spec.seed)  # the new head's weights
     name = spec.base or spec.model   # an own teacher's `base`, else the model
     if name in TINY_MODELS:
@@ -274,6 +279,9 @@ def _base_model(spec:Spec, study_dir):
     if spec.trim: m, _ = trim_vocab(m, _keep_ids(spec, study_dir))
     if spec.teacher is not None and (t := vocab_map(spec.teacher)) is not None and m.config.vocab_size == len(t):
         m, _ = trim_vocab(m, (t >= 0).nonzero().flatten())   # a trimmed own teacher: the base keeps the teacher's rows
+    if spec.trim:
+        if len(_BASES) >= 4: _BASES.pop(next(iter(_BASES)))
+        _BASES[key] = copy.deepcopy(m)
     return m
 
 def _data(spec:Spec, train_languages, test_languages, old2new):
@@ -306,10 +314,10 @@ def _data(spec:Spec, train_languages, test_languages, old2new):
     return DatasetDict(splits)
 
 def _settings(spec:Spec):
-    "`kdnb.train.TrainSettings` for `spec`."
+    "`kdnb.train.TrainSettings` for `spec` (resume checkpoints every `$KDNB_CHECKPOINT_EVERY` seconds, 300 by default)."
     return TrainSettings(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
                          eval_steps=spec.eval_steps, logging_steps=max(1, min(10, spec.eval_steps)) if isinstance(spec.eval_steps, int) else 5, seed=spec.seed,
-                         max_length=spec.max_length, max_steps=spec.max_steps)
+                         max_length=spec.max_length, max_steps=spec.max_steps, checkpoint_every=checkpoint_every())
 
 _CURVE_KEYS = ("step", "epoch", "loss", "att", "hid", "embd", "pred", "clf", "wall_time", "eval_f1", "eval_loss")
 def _curve(log_history:list)->list:
@@ -357,13 +365,22 @@ def run_spec(spec:Spec, # the experiment
     "Train (or copy) and evaluate `spec`; its result fields. `run_grid` records them in the store."
     with _quiet(not progress): return _run_spec(spec, study_dir, progress=progress)
 
+_TEACHERS = {}
+def _teacher_model(task, path):
+    "The fine-tuned teacher in `path` (eager attention), loaded once per process while its weights file is unchanged."
+    f = Path(path)/"model.safetensors"   # never trained here: students read it, `distill` hands it back as it was
+    key = (task, str(path), f.stat().st_mtime_ns if f.exists() else None)
+    if key not in _TEACHERS:
+        if len(_TEACHERS) >= 2: _TEACHERS.pop(next(iter(_TEACHERS)))
+        _TEACHERS[key] = auto_class(task).from_pretrained(path, attn_implementation="eager")
+    return _TEACHERS[key]
+
 def _run_spec(spec, study_dir, progress):
     check_ready(spec)
     task, labels = _task(spec)
     tok, teacher, base = _tokenizer(spec.model), None, None
     if spec.uses_teacher:
-        teacher = auto_class(task).from_pretrained(ensure_teacher(spec, study_dir, progress=progress),
-                                                   attn_implementation="eager")
+        teacher = _teacher_model(task, ensure_teacher(spec, study_dir, progress=progress))
     src_init = spec.copy_from if spec.init == "copy-only" else spec.init
     from_base = spec.init != "teacher" and INITIALIZATIONS[src_init].source == "base"
     if from_base or teacher is None: base = _base_model(spec, study_dir)

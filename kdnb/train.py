@@ -20,7 +20,7 @@ from .models import auto_class
 from .data import collator, tokenize, NER_LABELS
 from .losses import kd_loss_for, TEACHER_CACHE
 from .metrics import compute_metrics, scores_by_language
-from .checkpoints import TrainingDiverged, last_checkpoint, resume_checkpoint, _CKPT, _quarantine_bad_checkpoints
+from .checkpoints import TrainingDiverged, BestInMemory, last_checkpoint, resume_checkpoint, _CKPT, _quarantine_bad_checkpoints
 from .spec import _steps_ok   # what an evaluation interval may be (one rule for specs and settings)
 
 # %% auto #0
@@ -42,6 +42,7 @@ class TrainSettings:
     max_length:int=128 # tokenizer truncation length, for callers that tokenize
     max_steps:int=-1 # stop after this many steps; -1 trains for `epochs`
     save_total_limit:int=2 # checkpoints kept on disk (the best one is always kept)
+    checkpoint_every:float=0 # seconds between resume checkpoints, the best model kept in memory (`kdnb.checkpoints.BestInMemory`); 0: a checkpoint at every evaluation
     bf16:str|bool="auto" # "auto": KDNB_BF16 (on/off) if set, else fp32 (the paper's default); True works on CPU; never fp16
     num_workers:int=0 # dataloader worker processes
     gradient_accumulation_steps:int=1 # micro-batches per optimizer step
@@ -58,6 +59,8 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.eval_steps must be a positive integer or a fraction of the run in (0, 1), got {self.eval_steps!r}.")
         if not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
             raise ValueError(f"TrainSettings.epochs must be a positive number, got {self.epochs!r}.")
+        if isinstance(self.checkpoint_every, bool) or not (isinstance(self.checkpoint_every, (int, float)) and self.checkpoint_every >= 0):
+            raise ValueError(f"TrainSettings.checkpoint_every must be a number of seconds >= 0, got {self.checkpoint_every!r}.")
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise ValueError(f"TrainSettings.learning_rate must be a positive number, got {self.learning_rate!r}.")
         if not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):
@@ -112,14 +115,14 @@ def training_arguments(settings:TrainSettings|str|dict|None, # see `as_settings`
                        *, progress:bool=True, # show tqdm progress bars (with ETA)
                        **overrides # any other `TrainingArguments` field
                       )->TrainingArguments:
-    "`TrainingArguments` for `settings`: evaluate and checkpoint every `eval_steps`, keep the best on dev F1."
+    "`TrainingArguments` for `settings`: evaluate every `eval_steps`, keep the best on dev F1 (on disk unless `checkpoint_every`)."
     s = as_settings(settings)
     kw = dict(output_dir=str(output_dir), num_train_epochs=s.epochs, max_steps=s.max_steps,
               learning_rate=s.learning_rate, per_device_train_batch_size=s.batch_size,
               per_device_eval_batch_size=s.eval_batch_size, gradient_accumulation_steps=s.gradient_accumulation_steps,
               eval_strategy="steps", eval_steps=s.eval_steps, save_strategy="steps", save_steps=s.eval_steps,
               logging_strategy="steps", logging_steps=s.logging_steps, logging_first_step=True,
-              load_best_model_at_end=True, metric_for_best_model="f1", greater_is_better=True,
+              load_best_model_at_end=not s.checkpoint_every, metric_for_best_model="f1", greater_is_better=True,
               save_total_limit=s.save_total_limit, seed=s.seed, bf16=resolve_bf16(s.bf16), fp16=False,
               dataloader_num_workers=s.num_workers, report_to=resolve_report_to(s.report_to), disable_tqdm=not progress,
               label_names=["labels"], use_cpu=not torch.cuda.is_available())
@@ -318,6 +321,8 @@ def _train(trainer_cls, model, data, *, task, label_names, tokenizer, out_dir, s
     model.config.label2id = {l: i for i, l in enumerate(label_names)}
     args = training_arguments(settings, ckpt_dir, progress=progress, run_name=str(Path(out_dir.parent.name)/out_dir.name),
                               **(args_overrides or {}))
+    keeper = BestInMemory(settings.checkpoint_every) if settings.checkpoint_every else None   # else the Trainer's own
+    callbacks = list(callbacks or []) + ([keeper] if keeper else [])
     with _progress_bars(progress):
         trainer = trainer_cls(model, args=args, train_dataset=_model_columns(data["train"]),
                               eval_dataset=_model_columns(data["dev"]), data_collator=collator(tokenizer, task),
@@ -331,7 +336,9 @@ def _train(trainer_cls, model, data, *, task, label_names, tokenizer, out_dir, s
                 if _CKPT.match(c.name) and c.is_dir() and not (c/"trainer_state.json").exists(): shutil.rmtree(c)
         if resume: last = resume_checkpoint(ckpt_dir, quarantine_bad=trainer.args.should_save)  # one that loads
         kd = None
-        try: trainer.train(resume_from_checkpoint=str(last) if last else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(last) if last else None)
+            if keeper: keeper.restore(trainer.model)   # the best weights (W of a KD student included)
         finally:  # the student is plain again, whatever happened
             if KD_ATTR in model._modules: kd = model._modules.pop(KD_ATTR)
         st, wall = trainer.state, trainer.wall_time()
