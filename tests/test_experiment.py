@@ -81,7 +81,8 @@ def test_tiny_grid_end_to_end(tmp_path, base):
     assert Store(tmp_path).integrity() == "ok"
 
 
-def test_sigkill_resume(tmp_path, base):
+def test_sigkill_resume(tmp_path, base, monkeypatch):
+    monkeypatch.setenv("KDNB_CHECKPOINT_EVERY", "0")   # a checkpoint at every evaluation, so there is one to kill after
     study = tmp_path/"study"
     quick = Spec(**{**base, "init": "from-scratch", "kd": False})
     slow = Spec(**{**base, "init": "from-scratch", "kd": False, "max_steps": 400, "eval_steps": 20, "seed": 1})
@@ -90,7 +91,7 @@ def test_sigkill_resume(tmp_path, base):
         from kdnb.runner import run_grid
         run_grid([Spec.from_json({quick.to_json()!r}), Spec.from_json({slow.to_json()!r})], {str(study)!r}, progress=False)
         """)
-    p = subprocess.Popen([sys.executable, str(script)], env=ENV, stderr=subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, str(script)], env={**ENV, "KDNB_CHECKPOINT_EVERY": "0"}, stderr=subprocess.PIPE)
     ckpts = run_dir(slow, study)/"checkpoints"
     deadline = time.time() + 180
     while not any((c/"trainer_state.json").exists() for c in ckpts.glob("checkpoint-*")):
