@@ -42,7 +42,7 @@ class TrainSettings:
     max_length:int=128 # tokenizer truncation length, for callers that tokenize
     max_steps:int=-1 # stop after this many steps; -1 trains for `epochs`
     save_total_limit:int=2 # checkpoints kept on disk (the best one is always kept)
-    checkpoint_every:float=0 # seconds between resume checkpoints, the best model kept in memory (`kdnb.checkpoints.BestInMemory`); 0: a checkpoint at every evaluation
+    checkpoint_every:float=0 # seconds between resume checkpoints, the best model kept in memory (`kdnb.checkpoints.BestInMemory`; one process only); 0: a checkpoint at every evaluation
     bf16:str|bool="auto" # "auto": KDNB_BF16 (on/off) if set, else fp32 (the paper's default); True works on CPU; never fp16
     num_workers:int=0 # dataloader worker processes
     gradient_accumulation_steps:int=1 # micro-batches per optimizer step
@@ -308,6 +308,11 @@ def _save_run(trainer, kd, out_dir, best_dir, run):
     trainer.accelerator.wait_for_everyone()
     return proj
 
+def _best_keeper(settings:TrainSettings)->BestInMemory|None:
+    "The callback that keeps the best model in memory, or None for the Trainer's checkpoint at every evaluation."
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1   # torchrun: the Trainer's way, one decision for every process
+    return BestInMemory(settings.checkpoint_every) if settings.checkpoint_every and not several else None
+
 def _train(trainer_cls, model, data, *, task, label_names, tokenizer, out_dir, settings, resume, progress,
            callbacks=None, meta=None, args_overrides=None, **trainer_kwargs):
     "Shared body of `fine_tune` and `distill`."
@@ -319,9 +324,9 @@ def _train(trainer_cls, model, data, *, task, label_names, tokenizer, out_dir, s
                               "continue that run, or use a new out_dir (or delete the folder) to start over.")
     model.config.id2label = dict(enumerate(label_names))
     model.config.label2id = {l: i for i, l in enumerate(label_names)}
+    keeper = _best_keeper(settings)
     args = training_arguments(settings, ckpt_dir, progress=progress, run_name=str(Path(out_dir.parent.name)/out_dir.name),
-                              **(args_overrides or {}))
-    keeper = BestInMemory(settings.checkpoint_every) if settings.checkpoint_every else None   # else the Trainer's own
+                              **({"load_best_model_at_end": True} if keeper is None else {}), **(args_overrides or {}))
     callbacks = list(callbacks or []) + ([keeper] if keeper else [])
     with _progress_bars(progress):
         trainer = trainer_cls(model, args=args, train_dataset=_model_columns(data["train"]),
