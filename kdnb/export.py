@@ -47,7 +47,7 @@ def _fast_copy(tokenizer, js:dict)->PreTrainedTokenizerFast:
                                    truncation_side=tokenizer.truncation_side,
                                    model_input_names=list(tokenizer.model_input_names), **specials)
 
-_TRIMMED = {}   # id(tokenizer) -> (tokenizer, (size, kept ids), trimmed tokenizer.json): each run of a study saves one
+_TRIMMED = {}   # id(tokenizer) -> (tokenizer, (size, kept ids), trimmed tokenizer.json as a dict): each run of a study saves one
 
 def trim_tokenizer(tokenizer, # the fast tokenizer the model was trimmed from (its ids are the original ids)
                    keep_ids # the kept original ids (e.g. `model.config.kdnb_kept_ids`); new id = rank among them
@@ -64,7 +64,7 @@ def trim_tokenizer(tokenizer, # the fast tokenizer the model was trimmed from (i
         raise ValueError(f"The special tokens {lost} are not among keep_ids; trim with kdnb.models.used_token_ids, "
                          "which always keeps them.")
     ck = (len(tokenizer), tuple(keep))   # the trimmed JSON of this tokenizer and these ids, made once
-    if (hit := _TRIMMED.get(id(tokenizer))) and hit[0] is tokenizer and hit[1] == ck: return _fast_copy(tokenizer, json.loads(hit[2]))
+    if (hit := _TRIMMED.get(id(tokenizer))) and hit[0] is tokenizer and hit[1] == ck: return _fast_copy(tokenizer, hit[2])
     js = _backend_json(tokenizer); m = js["model"]; kind = m.get("type")
     if kind == "Unigram":
         vocab = m["vocab"]
@@ -83,7 +83,7 @@ def trim_tokenizer(tokenizer, # the fast tokenizer the model was trimmed from (i
     out = _fast_copy(tokenizer, js)
     if len(out) != len(keep): raise RuntimeError(f"The trimmed tokenizer has {len(out)} tokens, expected {len(keep)}.")
     if len(_TRIMMED) >= 4: _TRIMMED.pop(next(iter(_TRIMMED)))
-    _TRIMMED[id(tokenizer)] = (tokenizer, ck, json.dumps(js))
+    _TRIMMED[id(tokenizer)] = (tokenizer, ck, js)   # `_fast_copy` only reads it
     return out
 
 # %% ../nbs/26_export.ipynb #e0a1c012

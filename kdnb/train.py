@@ -41,7 +41,7 @@ class TrainSettings:
     seed:int=42 # seed of the Trainer (data order, dropout)
     max_length:int=128 # tokenizer truncation length, for callers that tokenize
     max_steps:int=-1 # stop after this many steps; -1 trains for `epochs`
-    save_total_limit:int=2 # checkpoints kept on disk (the best one is always kept)
+    save_total_limit:int=2 # checkpoints kept on disk (with `checkpoint_every=0` the best one is always kept)
     checkpoint_every:float=0 # seconds between resume checkpoints, the best model kept in memory (`kdnb.checkpoints.BestInMemory`; one process only); 0: a checkpoint at every evaluation
     bf16:str|bool="auto" # "auto": KDNB_BF16 (on/off) if set, else fp32 (the paper's default); True works on CPU; never fp16
     num_workers:int=0 # dataloader worker processes
@@ -326,7 +326,7 @@ def _train(trainer_cls, model, data, *, task, label_names, tokenizer, out_dir, s
     model.config.label2id = {l: i for i, l in enumerate(label_names)}
     keeper = _best_keeper(settings)
     args = training_arguments(settings, ckpt_dir, progress=progress, run_name=str(Path(out_dir.parent.name)/out_dir.name),
-                              **({"load_best_model_at_end": True} if keeper is None else {}), **(args_overrides or {}))
+                              load_best_model_at_end=keeper is None, **(args_overrides or {}))
     callbacks = list(callbacks or []) + ([keeper] if keeper else [])
     with _progress_bars(progress):
         trainer = trainer_cls(model, args=args, train_dataset=_model_columns(data["train"]),
