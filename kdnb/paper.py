@@ -378,7 +378,7 @@ STUDY_PRESETS = {
                  batch_size=8, max_length=32, trim=True, subsets=[0.5, None]),
     "demo": dict(models=["embedded"], datasets=["demo-intent", "demo-ner"], seeds=[42], epochs=2, eval_steps=30,
                  batch_size=16, learning_rate={"demo-intent": 1e-4, "demo-ner": 3e-4}, max_length=32, trim=True,
-                 eval_subset=20, subsets=[0.2, 0.5, None],
+                 eval_subset=20, subsets=[0.2, 0.5, None], group_by_length=True,   # a third of random batches' tokens are padding
                  subset_datasets=["demo-intent"]),
     "cpu-real": dict(models=["embedded"], datasets=["massive-8", "tsm", "universal-ner"],
                      seeds=CPU_REAL["seeds"], section_seeds={"4.3": [42], "5.2": [42]}, half_width_seeds={"tsm": [42]},

@@ -270,7 +270,7 @@ def cache_group(spec)->tuple|None:
     "The KD students whose teacher outputs a worker's `TeacherCache` shares: same teacher and batches (None: not a KD student)."
     if not (spec.kd and spec.init not in ("teacher", "copy-only") and spec.teacher_key): return None
     return (spec.teacher_key, spec.dataset, spec.train_languages, spec.subset, spec.train_sample, spec.seed,
-            spec.batch_size, spec.max_length)
+            spec.batch_size, spec.max_length, spec.group_by_length)
 
 def _pick(free:list, # specs that can run now, in queue order
           mine:tuple|None, # the cache group of the worker's last KD student

@@ -317,7 +317,8 @@ def _settings(spec:Spec):
     "`kdnb.train.TrainSettings` for `spec` (resume checkpoints every `$KDNB_CHECKPOINT_EVERY` seconds, 300 by default)."
     return TrainSettings(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
                          eval_steps=spec.eval_steps, logging_steps=max(1, min(10, spec.eval_steps)) if isinstance(spec.eval_steps, int) else 5, seed=spec.seed,
-                         max_length=spec.max_length, max_steps=spec.max_steps, checkpoint_every=checkpoint_every())
+                         max_length=spec.max_length, max_steps=spec.max_steps, checkpoint_every=checkpoint_every(),
+                         group_by_length=bool(spec.group_by_length))
 
 _CURVE_KEYS = ("step", "epoch", "loss", "att", "hid", "embd", "pred", "clf", "wall_time", "eval_f1", "eval_loss")
 def _curve(log_history:list)->list:

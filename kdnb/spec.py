@@ -70,6 +70,7 @@ class Spec:
     layer_map:tuple|None=None # explicit 0-based teacher layer per student layer (None: the paper's even spacing)
     teacher:str|None=None # an already fine-tuned teacher (folder or hub id) to distill from; sets `model` (no teacher training)
     base:str|None=None # with `teacher`: the pre-trained model `from-base` copies (the teacher's own base model)
+    group_by_length:bool|None=None # True: train on batches of similar length (less padding: faster on a CPU, not the paper's protocol); None: random batches
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)
@@ -87,6 +88,7 @@ class Spec:
             if self.copy_from is None: put("copy_from", "from-teacher")
         elif self.copy_from in COPY_SOURCES: put("copy_from", None)
         if self.teacher_languages == self.train_languages: put("teacher_languages", None)
+        if self.group_by_length is False: put("group_by_length", None)   # random batches, the default: one id
         self.validate()
 
     @property
@@ -160,6 +162,8 @@ def validate(self:Spec):
     if not (_is_int(self.max_length) and 8 <= self.max_length <= 8192):
         raise _bad("max_length", self.max_length, "an int between 8 and 8192")
     if not isinstance(self.trim, bool): raise _bad("trim", self.trim, "True or False")
+    if self.group_by_length not in (None, True):
+        raise _bad("group_by_length", self.group_by_length, "None or False (random batches) or True (batches of similar length)")
     if self.layer_map is not None and not (all(_is_int(i) and i >= 0 for i in self.layer_map) and
                                            (self.layers is None or len(self.layer_map) == self.layers)):
         raise _bad("layer_map", self.layer_map, "None or a list of 0-based teacher layers, one per student layer")
@@ -200,7 +204,7 @@ def _check_own(s):
 _TEACHER_FIELDS = ("model", "dataset", "subset", "train_sample", "eval_subset", "seed", "epochs", "eval_steps", "max_steps",
                    "batch_size", "learning_rate", "max_length", "trim")
 
-_OPTIONAL_FIELDS = ("teacher", "base") # fields added later: None leaves them out of `spec_id`
+_OPTIONAL_FIELDS = ("teacher", "base", "group_by_length") # fields added later: None leaves them out of `spec_id` and `teacher_key`
 
 def _hash(d:dict)->str: return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -244,6 +248,7 @@ def teacher_key(self:Spec)->str|None:
     if not self.uses_teacher: return None
     if self.teacher is not None: return _hash({"teacher": self.teacher})   # an own teacher: nothing to train
     d = {k: getattr(self, k) for k in _TEACHER_FIELDS}
+    if self.group_by_length is not None: d["group_by_length"] = self.group_by_length   # the teacher trains on the same batches
     d["languages"] = list(l) if isinstance(l := self.teacher_train_languages, tuple) else l
     return _hash(d)
 

@@ -262,7 +262,7 @@ def _record_failure(store:Store, key:str, error:str|None, table:str="runs", stat
 RESULT_COLUMNS = ["spec_id", "model", "dataset", "init", "kd", "copy_from", "layers", "hidden", "width",
                   "train_languages", "test_languages", "teacher_languages", "subset", "train_sample", "eval_subset", "seed",
                   "dev_f1", "test_f1", "test_f1_by_language", "best_step", "wall_time", "curve", "status",
-                  "epochs", "eval_steps", "max_steps", "batch_size", "learning_rate", "max_length", "trim", "layer_map",
+                  "epochs", "eval_steps", "max_steps", "batch_size", "learning_rate", "max_length", "trim", "group_by_length", "layer_map",
                   "params", "teacher_key", "resumed_from", "attempts", "error", "created_at", "started_at", "finished_at",
                   "label", "spec"]
 

@@ -46,6 +46,7 @@ class TrainSettings:
     bf16:str|bool="auto" # "auto": KDNB_BF16 (on/off) if set, else fp32 (the paper's default); True works on CPU; never fp16
     num_workers:int=0 # dataloader worker processes
     gradient_accumulation_steps:int=1 # micro-batches per optimizer step
+    group_by_length:bool=False # batches of examples of similar length (the Trainer's `group_by_length` sampling): less padding, faster; False: random batches (the paper's)
     report_to:str|list|None=None # experiment trackers ("tensorboard", "mlflow", "wandb", ..., "none"); None: env KDNB_REPORT_TO, else none
 
     def __post_init__(self):
@@ -65,6 +66,8 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.learning_rate must be a positive number, got {self.learning_rate!r}.")
         if not isinstance(self.max_steps, int) or (self.max_steps < 1 and self.max_steps != -1):
             raise ValueError(f"TrainSettings.max_steps must be a positive integer or -1 (use epochs), got {self.max_steps!r}.")
+        if not isinstance(self.group_by_length, bool):
+            raise ValueError(f"TrainSettings.group_by_length must be True or False, got {self.group_by_length!r}.")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"TrainSettings.num_workers must be an integer >= 0, got {self.num_workers!r}.")
         if self.report_to is not None: resolve_report_to(self.report_to, check_installed=False)
@@ -124,7 +127,7 @@ def training_arguments(settings:TrainSettings|str|dict|None, # see `as_settings`
               logging_strategy="steps", logging_steps=s.logging_steps, logging_first_step=True,
               load_best_model_at_end=not s.checkpoint_every, metric_for_best_model="f1", greater_is_better=True,
               save_total_limit=s.save_total_limit, seed=s.seed, bf16=resolve_bf16(s.bf16), fp16=False,
-              dataloader_num_workers=s.num_workers, report_to=resolve_report_to(s.report_to), disable_tqdm=not progress,
+              dataloader_num_workers=s.num_workers, train_sampling_strategy="group_by_length" if s.group_by_length else "random", report_to=resolve_report_to(s.report_to), disable_tqdm=not progress,
               label_names=["labels"], use_cpu=not torch.cuda.is_available())
     kw.update(overrides)
     return TrainingArguments(**kw)
