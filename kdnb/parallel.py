@@ -408,7 +408,7 @@ def run_parallel(specs:Iterable, # specs (or spec dicts) to run
 
 # %% ../nbs/24_parallel.ipynb #7958de96
 GRID_PARAMETERS = ("models", "datasets", "seeds", "epochs", "eval_steps", "max_steps", "batch_size", "train_sample",
-                   "eval_subset", "subsets") # notebook parameters the analysis notebooks pass to `run_section`'s grid
+                   "eval_subset", "subsets", "group_by_length") # notebook parameters the analysis notebooks pass to `run_section`'s grid
 
 def batch_specs(notebooks:Iterable[str], # analysis notebook names, e.g. `4_1_weight_copy` (others, e.g. `report`, run no grid)
                 preset:str, # the batch's preset

@@ -25,8 +25,8 @@ from .spec import _steps_ok   # what an evaluation interval may be (one rule for
 
 # %% auto #0
 __all__ = ['TRAIN_SETTINGS', 'BF16_ENV', 'REPORT_ENV', 'KD_ATTR', 'MODEL_COLUMNS', 'TrainSettings', 'as_settings', 'resolve_bf16',
-           'training_arguments', 'resolve_report_to', 'KdnbTrainer', 'DistillationTrainer', 'TrainResult', 'fine_tune',
-           'distill', 'evaluate_by_language']
+           'training_arguments', 'resolve_report_to', 'EpochGroupedSampler', 'KdnbTrainer', 'DistillationTrainer',
+           'TrainResult', 'fine_tune', 'distill', 'evaluate_by_language']
 
 # %% ../nbs/09_train.ipynb #0049092d
 @dataclass
@@ -154,12 +154,34 @@ def resolve_report_to(report_to:str|list|None=None, # tracker name(s), comma-sep
                          f"{' '.join(missing)}) or drop it.")
     return names
 
+# %% ../nbs/09_train.ipynb #fa3e559b
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+class EpochGroupedSampler(LengthGroupedSampler):
+    "`LengthGroupedSampler` whose order is a function of `seed` and the epoch (`set_epoch`), not of torch's global random state."
+    def __init__(self, batch_size:int, # examples per batch (times gradient accumulation)
+                 lengths:list, # tokens per example
+                 seed:int=0 # the order of epoch e is drawn from `seed + e`
+                ):
+        super().__init__(batch_size, lengths=list(lengths))
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch:int): self.epoch = epoch
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
 # %% ../nbs/09_train.ipynb #0dfdf308
 class KdnbTrainer(Trainer):
     "A `Trainer` that raises `TrainingDiverged` on a NaN/inf loss and stamps each log entry with `wall_time`."
     def train(self, *args, **kwargs):
         self._t0, self._wall0 = time.perf_counter(), None
         return super().train(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        s = super()._get_train_sampler(train_dataset)   # `group_by_length`: its order drawn from the seed, not the global state
+        if type(s) is not LengthGroupedSampler: return s
+        return EpochGroupedSampler(s.batch_size, s.lengths, seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
 
     def wall_time(self)->float:
         "Seconds spent training this run, including earlier resumed sessions."

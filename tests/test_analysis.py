@@ -58,6 +58,22 @@ def test_notebooks_frontmatter_and_parameters():
     assert analysis_dir() == REPO/"nbs"/"analysis"
 
 
+def test_section_notebooks_pass_the_grid_parameters():
+    "A notebook that runs a grid takes every `GRID_PARAMETERS` name and hands it to `run_section`: the batch's pooled grid is its grid."
+    from kdnb.parallel import GRID_PARAMETERS
+    ran = 0
+    for name in NOTEBOOKS:
+        nb = nbformat.read(REPO/"nbs"/"analysis"/f"{name}.ipynb", as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        if "run_section(" not in code: continue
+        ran += 1
+        params = "\n" + next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+        for p in GRID_PARAMETERS:
+            if p == "subsets" and "\nsubsets = " not in params: continue   # the subset sections' own parameter
+            assert f"\n{p} = " in params and f"{p}={p}" in code, (name, p)
+    assert ran == 6
+
+
 def test_batch_ran_every_notebook(batch):
     folder, _, seconds = batch
     log = json.loads((folder/"batch.json").read_text())
