@@ -57,3 +57,11 @@ def test_bench_grid_smoke(tmp_path):
     assert r["same_metrics"] is True and r["splits"][0]["metrics"] == two["metrics"]
     md = (out / "grid.md").read_text()
     assert "runs/hour" in md and "| 2 x 1 |" in md and "Same metrics in every split (4 decimals): True" in md
+
+def test_cpu_probe_reads_the_machine():
+    "The probe recorded beside timed runs prints its readings as one JSON line."
+    p = subprocess.run([sys.executable, "bench/cpu_probe.py", "--seconds", "0.2"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["shape"] == [512, 384, 1536] and r["cores"] >= 1 and r["alone"] > 0 and r["all_cores"] > 0
