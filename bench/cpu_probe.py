@@ -30,18 +30,14 @@ def gflops(seconds: float = 2.0) -> float:
     return 2 * m * k * n * done / dt / 1e9
 
 
-def _one(args):
-    return gflops(*args)
-
-
 def probe(seconds: float = 2.0, cores: int | None = None) -> dict:
     "The probe alone, then in `cores` processes at once (default: every usable core)."
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kdnb.parallel import cpu_cores
     cores = cores or cpu_cores()
     with mp.get_context("spawn").Pool(cores) as pool:
-        alone = pool.apply(_one, ((seconds,),))
-        busy = pool.map(_one, [(seconds,)] * cores)
+        alone = pool.apply(gflops, (seconds,))
+        busy = pool.map(gflops, [seconds] * cores)
     isa = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}
     return dict(shape=list(SHAPE), cores=cores, alone=round(alone, 1), all_cores=round(min(busy), 1), isa=isa,
                 time=time.strftime("%Y-%m-%d %H:%M:%S"))

@@ -127,7 +127,8 @@ def training_arguments(settings:TrainSettings|str|dict|None, # see `as_settings`
               logging_strategy="steps", logging_steps=s.logging_steps, logging_first_step=True,
               load_best_model_at_end=not s.checkpoint_every, metric_for_best_model="f1", greater_is_better=True,
               save_total_limit=s.save_total_limit, seed=s.seed, bf16=resolve_bf16(s.bf16), fp16=False,
-              dataloader_num_workers=s.num_workers, train_sampling_strategy="group_by_length" if s.group_by_length else "random", report_to=resolve_report_to(s.report_to), disable_tqdm=not progress,
+              dataloader_num_workers=s.num_workers, report_to=resolve_report_to(s.report_to), disable_tqdm=not progress,
+              train_sampling_strategy="group_by_length" if s.group_by_length else "random",
               label_names=["labels"], use_cpu=not torch.cuda.is_available())
     kw.update(overrides)
     return TrainingArguments(**kw)
