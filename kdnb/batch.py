@@ -10,7 +10,6 @@ from unittest import mock
 from pathlib import Path
 from tqdm.auto import tqdm
 from .paper import SECTIONS, STUDY_PRESETS   # every analysis notebook accepts every study preset
-from .train import BF16_ENV, REPORT_ENV, resolve_bf16, resolve_report_to
 from .parallel import WORKERS_ENV, plan_workers, batch_specs, cpu_cores, watch, progress as runs_progress
 from .store import Store
 
@@ -263,6 +262,7 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
               idle_timeout:float|None=IDLE_TIMEOUT, # s a kernel may sit idle with a cell's reply missing before its notebook fails (None: never)
              ) -> Path:
     "Execute every analysis notebook for `preset` into a dated folder; return the folder."
+    from kdnb.train import BF16_ENV, REPORT_ENV, resolve_bf16, resolve_report_to   # here: the render workers import this module
     if preset not in STUDY_PRESETS: raise ValueError(f"Unknown preset {preset!r}; use one of {tuple(STUDY_PRESETS)}.")
     for k, v in dict(stall_timeout=stall_timeout, idle_timeout=idle_timeout).items():
         if v is not None and not v > 0: raise ValueError(f"{k} must be a positive number of seconds, or None for never; got {v!r}.")
@@ -333,7 +333,7 @@ def _render_slots(names, specs, study_dir, workers)->int:
 
 def _pooled_grid(specs, study_dir, log, runs):
     "Run the whole batch's specs in one grid (teachers first, every worker busy until the last run); record its time."
-    from kdnb.runner import run_grid   # heavy (torch): only when the batch pools its grid
+    from kdnb.runner import run_grid   # only when the batch pools its grid (the render workers import this module)
     runs.note, t0 = "every section's runs", time.time()
     try: run_grid(specs, study_dir, progress=False, errors="warn")   # workers: KDNB_WORKERS; failures are warned, the notebooks retry them
     except Exception as e: tqdm.write(f"kdnb batch: the pooled grid stopped ({type(e).__name__}: {e}); the notebooks run what is left.")

@@ -8,7 +8,6 @@ import warnings
 from .spec import Spec, SpecError, TINY_MODELS, _fmt
 from .data import BENCHMARKS, select_languages
 from .loader import check_benchmark
-from .models import model_config, tiny_config
 from .initialize import SUPPORTED, student_config, teacher_layers
 
 # %% auto #0
@@ -40,6 +39,7 @@ _CONFIGS = {} # model name -> config, read once per process
 def spec_config(spec:Spec, # the experiment
                ):
     "The config of `spec.model` (the teacher's shape) read without weights; None, with a warning, when it is unreachable."
+    from kdnb.models import model_config, tiny_config   # transformers: only when a spec is checked
     if spec.model in TINY_MODELS: return tiny_config(TINY_MODELS[spec.model])
     if spec.model not in _CONFIGS:
         try: _CONFIGS[spec.model] = model_config(spec.model)

@@ -9,15 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
-try: from datasets import List # datasets >= 4
-except ImportError: from datasets import Sequence as List
-from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+# `datasets` and transformers are imported inside the functions that build data: the benchmark registry is read by
+# the report and the CLI, which should not pay seconds of imports for it
 
 # %% auto #0
 __all__ = ['NER_LABELS', 'MASSIVE_INTENTS', 'TSM_LABELS', 'DEMO_INTENTS', 'BENCHMARKS', 'Benchmark', 'select_languages',
-           'find_data_dir', 'data_available', 'stratified_subset', 'tokenize', 'PadCollator', 'TokenPadCollator',
-           'collator']
+           'find_data_dir', 'data_available', 'stratified_subset', 'tokenize', 'DropStrings', 'collator']
 
 # %% ../nbs/01_data.ipynb #6310f289
 NER_LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
@@ -64,6 +61,9 @@ class Benchmark:
     @property
     def features(self) -> Features:
         "The `datasets` features of every split."
+        from datasets import ClassLabel, Features, Value
+        try: from datasets import List # datasets >= 4
+        except ImportError: from datasets import Sequence as List
         if self.task == "ner":
             return Features({"tokens": List(Value("string")), "ner_tags": List(ClassLabel(names=list(self.label_names))),
                              "language": Value("string")})
@@ -194,6 +194,7 @@ def stratified_subset(ds:Dataset, # a split from `load_benchmark` (with `languag
                       seed:int=0, # same seed, same subset
                      ) -> Dataset:
     "A reproducible subset of `ds`: `size` of each language, stratified by label within it (NER: by language)."
+    from datasets import Dataset
     if not isinstance(ds, Dataset): raise TypeError(f"stratified_subset takes one split (a Dataset), not {type(ds).__name__}; pass e.g. dd['train'].")
     if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)) or size <= 0 or (
             isinstance(size, (float, np.floating)) and size > 1):
@@ -218,6 +219,7 @@ def tokenize(dsdict:DatasetDict|Dataset, # from `load_benchmark` (or one split o
              max_length:int=128, # truncate longer sequences
             ) -> DatasetDict|Dataset:
     "Columns `input_ids`, `attention_mask`, `labels` and `language`; padding is left to `collator`."
+    from datasets import Dataset, DatasetDict
     if task not in ("classification", "ner"): raise ValueError(f"Unknown task {task!r}; use 'classification' or 'ner'.")
     first = next(iter(dsdict.values())) if isinstance(dsdict, DatasetDict) else dsdict
     need = "tokens" if task == "ner" else "text"
@@ -253,22 +255,17 @@ def tokenize(dsdict:DatasetDict|Dataset, # from `load_benchmark` (or one split o
     return out
 
 # %% ../nbs/01_data.ipynb #8dbc6b88
-class _DropStrings:
-    "Collator mixin: leave out string-valued columns (e.g. `language`) before padding."
-    def __call__(self, features, *args, **kwargs):
-        features = [{k: v for k, v in f.items() if not isinstance(v, str)} for f in features]
-        return super().__call__(features, *args, **kwargs)
-
-class PadCollator(_DropStrings, DataCollatorWithPadding):
-    "`DataCollatorWithPadding` that ignores string columns."
-
-class TokenPadCollator(_DropStrings, DataCollatorForTokenClassification):
-    "`DataCollatorForTokenClassification` (labels padded with -100) that ignores string columns."
+@dataclass
+class DropStrings:
+    "A collator that leaves out string-valued columns (e.g. `language`) and lets `pad` pad the rest."
+    pad:Callable # a transformers collator, e.g. `DataCollatorWithPadding(tokenizer)`
+    def __call__(self, features): return self.pad([{k: v for k, v in f.items() if not isinstance(v, str)} for f in features])
 
 def collator(tokenizer, # the tokenizer used by `tokenize`
              task:str, # `classification` or `ner`
             ):
     "A dynamic-padding collator for `task`."
-    if task == "classification": return PadCollator(tokenizer)
-    if task == "ner": return TokenPadCollator(tokenizer)
+    from transformers import DataCollatorForTokenClassification, DataCollatorWithPadding
+    if task == "classification": return DropStrings(DataCollatorWithPadding(tokenizer))
+    if task == "ner": return DropStrings(DataCollatorForTokenClassification(tokenizer))   # labels padded with -100
     raise ValueError(f"Unknown task {task!r}; use 'classification' or 'ner'.")

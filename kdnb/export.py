@@ -7,13 +7,13 @@ from __future__ import annotations
 import copy, json, shutil, sys, warnings
 from pathlib import Path
 from tokenizers import Tokenizer
-from transformers import AutoConfig, PreTrainedTokenizerFast
 from .data import stratified_subset, tokenize, BENCHMARKS, data_available
 from .loader import load_benchmark
-from .models import vocab_map
 from .runner import _data, _task, run_dir, teacher_dir, _tokenizer
 from .spec import Spec
 from .store import Store, store_file
+# transformers and kdnb.models (torch) are imported where a tokenizer or model is built: `kdnb` imports this module
+# for its `export` subcommand, and `kdnb --help` should not wait for them
 
 # %% auto #0
 __all__ = ['KDNB_VOCAB', 'PAPER', 'MODEL_LICENSES', 'DATA_LICENSES', 'EXPORT_HELP', 'trim_tokenizer', 'save_tokenizer',
@@ -41,6 +41,7 @@ def _remap_processor(p, new_id):
 
 def _fast_copy(tokenizer, js:dict)->PreTrainedTokenizerFast:
     "A `PreTrainedTokenizerFast` over the backend `js` with `tokenizer`'s special tokens, length and input names."
+    from transformers import PreTrainedTokenizerFast
     specials = {a: str(getattr(tokenizer, a)) for a in _SPECIAL_ATTRS if getattr(tokenizer, a, None) is not None}
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(js)),
                                    model_max_length=tokenizer.model_max_length, padding_side=tokenizer.padding_side,
@@ -93,6 +94,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 def _config(model):
     "The config of a model, a config, or a saved model folder."
+    from transformers import AutoConfig
     return AutoConfig.from_pretrained(model) if isinstance(model, (str, Path)) else getattr(model, "config", model)
 
 def save_tokenizer(tokenizer, # the tokenizer the model was trained with (the original one for a trimmed model)
@@ -138,6 +140,7 @@ def check_tokenizer(folder, # an exported (or `best/`) model folder
                    )->dict:
     "Tokenize `spec`'s test split with `folder`'s tokenizer and with kdnb's path; the number of examples and of mismatches."
     from transformers import AutoTokenizer
+    from kdnb.models import vocab_map
     task, _ = _task(spec)
     ours = _data(spec, None, spec.test_languages, vocab_map(folder))["test"]
     raw = load_benchmark(spec.dataset, languages=spec.test_languages if isinstance(spec.test_languages, str)
@@ -273,6 +276,7 @@ def export_student(study_dir, # the study folder (holds results.sqlite, teachers
                    push_to_hub=None # a Hub repo id ("user/name") to upload the folder to
                   )->Path:
     "Write a self-contained model folder (model, trimmed tokenizer, model card) for a finished spec; push it if asked."
+    from transformers import AutoConfig
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ExportError(f"{folder} exists and is not an empty folder; choose a new folder.")

@@ -5,9 +5,9 @@
 # %% ../nbs/05_initialize.ipynb #4ae4432f
 from __future__ import annotations
 import copy, re
-import torch
-from torch import nn
 from dataclasses import dataclass
+# torch is imported inside the functions that build tensors: `kdnb.spec` reads `INITIALIZATIONS`, and reading a
+# study (the CLI, the report) should not pay for loading torch
 
 # %% auto #0
 __all__ = ['INITIALIZATIONS', 'SUPPORTED', 'HEADS', 'Initialization', 'add_initialization', 'teacher_layers', 'evenly_spaced',
@@ -70,6 +70,7 @@ def evenly_spaced(n_teacher:int, # size of the teacher's dimension
                   n_student:int # size of the student's dimension (<= n_teacher)
                  ) -> torch.Tensor:
     "`n_student` evenly spaced 0-based indices into a dimension of size `n_teacher` (Xu et al. 2024)."
+    import torch
     if not 0 < n_student <= n_teacher:
         raise ValueError(f"Cannot select {n_student} of {n_teacher} indices: need 0 < n_student <= n_teacher.")
     if n_teacher % n_student == 0: return torch.arange(n_student) * (n_teacher // n_student)
@@ -81,6 +82,7 @@ def head_indices(teacher_hidden:int, # teacher hidden size h_T
                  num_heads:int # number of attention heads (kept)
                 ) -> torch.Tensor:
     "Rows of W_Q/W_K/W_V (columns of W_O) kept: the same evenly spaced within-head offsets in every head."
+    import torch
     if student_hidden % num_heads:
         raise ValueError(f"hidden_size={student_hidden} is not divisible by the {num_heads} attention heads (the "
                          f"student keeps the teacher's head count); use a multiple of {num_heads}.")
@@ -200,15 +202,16 @@ def copy_plan(student:nn.Module, # student (or its backbone)
         plan.append((p, t, roles))
     return plan, missing
 
-@torch.no_grad()
 def apply_plan(plan:list, # from `copy_plan`
                idx:dict # index sets per role
               ):
     "Copy each source tensor, restricted to the selected indices in each role dimension, into its student parameter."
-    for p, t, roles in plan:
-        for d, r in enumerate(roles):
-            if r: t = t.index_select(d, idx[r].to(t.device))
-        p.copy_(t)
+    import torch
+    with torch.no_grad():
+        for p, t, roles in plan:
+            for d, r in enumerate(roles):
+                if r: t = t.index_select(d, idx[r].to(t.device))
+            p.copy_(t)
 
 # %% ../nbs/05_initialize.ipynb #f3a64c46
 def _check_base(teacher, base):

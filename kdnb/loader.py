@@ -8,8 +8,7 @@ import gzip, json, os, warnings, zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-import datasets
-from datasets import ClassLabel, Dataset, DatasetDict
+# `datasets` is imported by the functions that build datasets (reading a study's results needs none)
 from .data import Benchmark, BENCHMARKS, NER_LABELS, select_languages, find_data_dir, _benchmark, _asset
 
 # %% auto #0
@@ -204,6 +203,7 @@ _HUB = {"massive": ("utt", "intent"), "tsm": ("text", "label"), "universal-ner":
 _HUB_FILES = "hf://datasets/{repo}@refs%2Fconvert%2Fparquet/{config}/{split}/*.parquet"
 
 def _offline() -> bool:
+    import datasets
     flags = [os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")]
     return any(f.lower() in ("1", "true", "yes", "on") for f in flags) or bool(datasets.config.HF_HUB_OFFLINE)
 
@@ -217,6 +217,8 @@ def _no_data_error(b:Benchmark, why:str) -> FileNotFoundError:
 def _hub_columns(b:Benchmark, lang:str) -> dict:
     "Columns per split of one language of `b` from the hub's parquet conversion."
     if _offline(): raise _no_data_error(b, "the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)")
+    import datasets
+    from datasets import ClassLabel
     theirs = {"train": "train", "dev": "validation", "test": "test"}
     splits = ("test",) if lang in b.test_only else SPLITS
     files = {s: _HUB_FILES.format(repo=b.hub, config=lang, split=theirs[s]) for s in splits}
@@ -320,6 +322,7 @@ def load_benchmark(name:str, # `massive`, `tsm`, `universal-ner`, `demo-intent` 
                    data_dir:str|Path|None=None, # data folder; default `KDNB_DATA_DIR`, then ../shared/data; "hub" forces the hub
                   ) -> DatasetDict:
     "Splits `train`, `dev`, `test` of benchmark `name` for `languages`; each row has a `language`."
+    from datasets import Dataset, DatasetDict
     b = _benchmark(name)
     langs = select_languages(b.name, languages)
     if callable(b.reader): return b.reader(b, langs, data_dir)   # user data (kdnb.userdata)

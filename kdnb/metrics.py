@@ -6,8 +6,7 @@
 from __future__ import annotations
 from collections import Counter
 import numpy as np
-from sklearn.metrics import f1_score
-from seqeval.metrics import f1_score as seqeval_f1
+# scikit-learn and seqeval are imported where they score (2 s at import): the report reads stored scores
 
 # %% auto #0
 __all__ = ['macro_f1', 'ner_f1', 'ids_to_tags', 'score', 'compute_metrics', 'scores_by_language', 'majority_baseline',
@@ -19,6 +18,7 @@ def macro_f1(preds, # predicted class ids (or names)
             ) -> float:
     "Macro-averaged F1 of `preds` against `labels`, a fraction in [0, 1]."
     if len(preds) != len(labels): raise ValueError(f"Got {len(preds)} predictions for {len(labels)} labels.")
+    from sklearn.metrics import f1_score
     return float(f1_score(labels, preds, average="macro", zero_division=0))
 
 # %% ../nbs/07_metrics.ipynb #8553a9a0
@@ -29,7 +29,8 @@ def ner_f1(pred_tags:list, # predicted IOB2 tags, one list per sentence
     if len(pred_tags) != len(gold_tags): raise ValueError(f"Got {len(pred_tags)} predicted sentences for {len(gold_tags)} gold ones.")
     for i, (p, g) in enumerate(zip(pred_tags, gold_tags)):
         if len(p) != len(g): raise ValueError(f"Sentence {i}: {len(p)} predicted tags for {len(g)} gold tags.")
-    return float(seqeval_f1(gold_tags, pred_tags, zero_division=0))
+    from seqeval.metrics import f1_score
+    return float(f1_score(gold_tags, pred_tags, zero_division=0))
 
 # %% ../nbs/07_metrics.ipynb #ef68d94a
 def _to_ids(preds, labels):
@@ -100,6 +101,7 @@ def majority_baseline(train_labels, # training labels: the majority class is tak
     majority = min(c for c, n in counts.items() if n == top)
     preds, test_labels = [majority] * len(test_labels), list(test_labels)
     if average == "macro": return macro_f1(preds, test_labels)
+    from sklearn.metrics import f1_score
     return float(f1_score(test_labels, preds, average="micro", zero_division=0))
 
 # %% ../nbs/07_metrics.ipynb #64a1a99b

@@ -41,8 +41,12 @@ def _available_gb()->float|None:
         return int(line.split()[1]) / 2**20
     return None
 
+_GPU_DRIVER_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/kfd") # on Linux, CUDA (or ROCm) needs one of these
+
 def visible_gpus()->list[str]:
     "The CUDA devices this process sees, as `CUDA_VISIBLE_DEVICES` entries (empty without CUDA)."
+    if sys.platform.startswith("linux") and not any(Path(p).exists() for p in _GPU_DRIVER_FILES):
+        return []   # no NVIDIA or ROCm driver: no need to load torch (seconds) to learn that
     try:
         import torch
         n = torch.cuda.device_count()

@@ -232,6 +232,7 @@ def claims(results:pd.DataFrame, # our results, one row per seed (`kdnb.store.lo
            margin:float=1., # half-width (F1 points) of "comparable" / "at chance"
            n_boot:int=N_BOOT, # bootstrap resamples
            study_dir=None, # where to find `runs/<spec_id>/predictions.jsonl.gz` when `results` has no `predictions` column
+           sections:str|list|None=None, # only these sections' claims, e.g. `"4.1"` (None: every section)
           ) -> pd.DataFrame:
     "Each of the paper's claims: its sentence, scope, the difference it rests on with a 95% interval, and the verdict."
     d = normalize(results if baseline is None else pd.concat([results, baseline], ignore_index=True))
@@ -242,7 +243,9 @@ def claims(results:pd.DataFrame, # our results, one row per seed (`kdnb.store.lo
     pap = normalize(paper_results()) if compare_paper else None
     if pap is not None: pap = pap.assign(kd_=pap.kd.map(lambda k: KD_LABELS[k]))
     out = []
+    keep = None if sections is None else {sections} if isinstance(sections, str) else set(sections)
     for c in paper_claims(margin):
+        if keep is not None and c.section not in keep: continue   # a section notebook checks its own claims only
         sec = get_section(c.section)
         scope = ", ".join(c.scope) if c.scope else "every dataset"
         row = dict(section=c.section, claim=c.label, quote=c.quote, scope=scope, test=c.test,

@@ -9,26 +9,20 @@ from pathlib import Path
 from typing import Callable, Iterable
 from unittest import mock
 import pandas as pd
-import torch, transformers, datasets
-from datasets import DatasetDict
-from transformers.utils import logging as tlog
 from tqdm.auto import tqdm
 from .spec import Spec, SpecError, TINY_MODELS, grid, _hash
-from .store import Store, results, load_results, study_path, _RESULT_COLUMNS, _retry_write, _record_failure
+from .store import Store, store_file, results, load_results, study_path, _RESULT_COLUMNS, _retry_write, _record_failure
 from .integrity import model_problem, quarantine
 from .data import BENCHMARKS, data_available, stratified_subset, tokenize
 from .loader import load_benchmark, _offline
-from .models import auto_class, tiny_model, load_model, load_tokenizer, trim_vocab, vocab_map, used_token_ids, remap_ids, tokenizer_map, count_parameters
-from .embedded import embedded_tokenizer
 from .initialize import INITIALIZATIONS, make_student
-from .checkpoints import resume_checkpoint, checkpoint_every
-from .train import TrainSettings, REPORT_ENV, resolve_report_to, fine_tune, distill, evaluate_by_language
 from .checks import check_data, check_student, student_shape
 from .userdata import own_teacher, register_datasets
 from .parallel import plan_workers, run_parallel
 from .paper import get_section, section_grid
-from .report import baselines
 from .stats import PREDICTIONS
+# torch, transformers, datasets and kdnb's models, checkpoints and trainers are imported by the functions that train
+# and score: a section whose runs are all in the store (a notebook rendering them, `kdnb list`) never loads them
 
 # %% auto #0
 __all__ = ['load_specs', 'teacher_dir', 'ensure_teacher', 'GridFailed', 'run_grid', 'run_dir', 'check_ready', 'run_spec',
@@ -170,14 +164,20 @@ def run_grid(specs:Spec|Iterable[Spec|dict], # specs (or spec dicts) to run
     cleanup, real = None, runner is None
     runner = runner or run_spec
     if real:
-        for s in specs: check_ready(s)
+        done = {r["spec_id"] for r in Store(study_dir).rows() if r["status"] == "done"} if store_file(study_dir).exists() else set()
+        for s in specs:
+            if s.spec_id not in done: check_ready(s)   # what will run: a finished grid loads no model config
         if not keep_checkpoints: cleanup = lambda s: shutil.rmtree(run_dir(s, study_dir)/"checkpoints", ignore_errors=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("run_grid runs whole specs per process, so it cannot run under torchrun/accelerate launch: "
                            "start one `kdnb run` (or run_grid) per GPU instead, e.g. CUDA_VISIBLE_DEVICES=0 kdnb run grid.json "
                            "--study S & CUDA_VISIBLE_DEVICES=1 kdnb run grid.json --study S; they share the work through "
                            "the store's claims. Use kdnb.train.fine_tune/distill directly for one multi-GPU training.")
-    track = mock.patch.dict(os.environ, {} if report_to is None else {REPORT_ENV: ",".join(resolve_report_to(report_to)) or "none"})
+    env = {}
+    if report_to is not None:
+        from kdnb.train import REPORT_ENV, resolve_report_to
+        env = {REPORT_ENV: ",".join(resolve_report_to(report_to)) or "none"}
+    track = mock.patch.dict(os.environ, env)
     if (n := plan_workers(workers, tasks=len(specs)).workers) > 1:
         with track: return run_parallel(specs, study_dir, workers=n, progress=progress, runner=runner, wait=wait,
                                         poll=poll, errors=errors, keep_checkpoints=keep_checkpoints)
@@ -218,6 +218,7 @@ def run_dir(spec:Spec, study_dir:str|Path)->Path:
 
 def check_ready(spec:Spec)->Spec:
     "Raise one clear error, before any training, when `spec` cannot run here (data files, model, student shape)."
+    from kdnb.checkpoints import checkpoint_every
     checkpoint_every()   # $KDNB_CHECKPOINT_EVERY, if set, must be a number of seconds
     b = BENCHMARKS[spec.dataset]
     if b.folder is not None and not data_available(spec.dataset) and _offline():
@@ -245,6 +246,8 @@ def _task(spec):
     return b.task, list(b.label_names)
 
 def _tokenizer(model:str):
+    from kdnb.models import load_tokenizer
+    from kdnb.embedded import embedded_tokenizer
     return _memo(("tok", model), lambda: embedded_tokenizer() if model in TINY_MODELS else load_tokenizer(model))
 
 # %% ../nbs/12_runner.ipynb #98b50362
@@ -252,6 +255,8 @@ def _keep_ids(spec:Spec, study_dir):
     "Token ids used anywhere in `spec.dataset` (cached on disk per model, dataset and max length)."
     key = _hash(dict(model=spec.model, dataset=spec.dataset, max_length=spec.max_length))
     p = Path(study_dir)/"vocab"/f"{key}.pt"
+    import torch
+    from kdnb.models import used_token_ids
     def make():
         if p.exists(): return torch.load(p)
         b, tok = BENCHMARKS[spec.dataset], _tokenizer(spec.model)
@@ -266,6 +271,8 @@ _BASES = {}   # trimmed base models built in this process: a copy is cheaper tha
 
 def _base_model(spec:Spec, study_dir):
     "The pre-trained model of `spec` with a fresh task head, trimmed when `spec.trim` (then built once per process and copied)."
+    import transformers
+    from kdnb.models import load_model, tiny_model, trim_vocab, vocab_map
     task, labels = _task(spec)
     key = (spec.base or spec.model, spec.dataset, task, tuple(labels), spec.seed, spec.max_length, spec.teacher, str(study_dir))
     if spec.trim and key in _BASES: return copy.deepcopy(_BASES[key])   # the same weights: the head is seeded below
@@ -286,6 +293,8 @@ def _base_model(spec:Spec, study_dir):
 
 def _data(spec:Spec, train_languages, test_languages, old2new):
     "Tokenized `train`/`dev` (of `train_languages`, subsetted) and `test` (of `test_languages`) splits."
+    from datasets import DatasetDict
+    from kdnb.models import remap_ids, tokenizer_map
     task, _ = _task(spec)
     tok = _tokenizer(spec.model)
     lang = lambda v: v if isinstance(v, str) else list(v)
@@ -315,6 +324,8 @@ def _data(spec:Spec, train_languages, test_languages, old2new):
 
 def _settings(spec:Spec):
     "`kdnb.train.TrainSettings` for `spec` (resume checkpoints every `$KDNB_CHECKPOINT_EVERY` seconds, 300 by default)."
+    from kdnb.train import TrainSettings
+    from kdnb.checkpoints import checkpoint_every
     return TrainSettings(epochs=spec.epochs, learning_rate=spec.learning_rate, batch_size=spec.batch_size,
                          eval_steps=spec.eval_steps, logging_steps=max(1, min(10, spec.eval_steps)) if isinstance(spec.eval_steps, int) else 5, seed=spec.seed,
                          max_length=spec.max_length, max_steps=spec.max_steps, checkpoint_every=checkpoint_every(),
@@ -327,6 +338,7 @@ def _curve(log_history:list)->list:
 
 def _ckpt_step(out:Path)->int:
     "Step of the newest checkpoint in `out/checkpoints` that loads (0 when none): where a run resumes."
+    from kdnb.checkpoints import resume_checkpoint
     c = resume_checkpoint(Path(out)/"checkpoints")
     return 0 if c is None else int(c.name.rsplit("-", 1)[1])
 
@@ -334,6 +346,8 @@ def _ckpt_step(out:Path)->int:
 def _quiet(on:bool=True):
     "Silence the progress bars of transformers and datasets, and transformers' load reports, while the block runs."
     if not on: yield; return
+    import datasets
+    from transformers.utils import logging as tlog
     was = tlog.is_progress_bar_enabled(), datasets.is_progress_bar_enabled(), tlog.get_verbosity()
     tlog.disable_progress_bar(); datasets.disable_progress_bars(); tlog.set_verbosity_error()
     try: yield
@@ -343,11 +357,14 @@ def _quiet(on:bool=True):
         tlog.set_verbosity(was[2])
 
 def _sizes(m)->dict:
+    from kdnb.models import count_parameters
     return dict(student_layers=m.config.num_hidden_layers, student_hidden=m.config.hidden_size, params=count_parameters(m))
 
 # %% ../nbs/12_runner.ipynb #9d0efb4a
 def _train_teacher(tspec:Spec, out:Path, progress:bool=True)->dict:
     "Fine-tune the teacher of `tspec` (an `init='teacher'` spec) into `out`; its result fields."
+    from kdnb.models import vocab_map
+    from kdnb.train import fine_tune
     task, labels = _task(tspec)
     model = _base_model(tspec, out.parents[1])
     data = _data(tspec, tspec.train_languages, None, vocab_map(model))
@@ -372,11 +389,15 @@ def _teacher_model(task, path):
     f = Path(path)/"model.safetensors"   # never trained here: students read it, `distill` hands it back as it was
     key = (task, str(path), f.stat().st_mtime_ns if f.exists() else None)
     if key not in _TEACHERS:
+        from kdnb.models import auto_class
         if len(_TEACHERS) >= 2: _TEACHERS.pop(next(iter(_TEACHERS)))
         _TEACHERS[key] = auto_class(task).from_pretrained(path, attn_implementation="eager")
     return _TEACHERS[key]
 
 def _run_spec(spec, study_dir, progress):
+    import transformers
+    from kdnb.models import vocab_map
+    from kdnb.train import fine_tune, distill, evaluate_by_language
     check_ready(spec)
     task, labels = _task(spec)
     tok, teacher, base = _tokenizer(spec.model), None, None
@@ -419,7 +440,9 @@ def use_device(device:str|None=None, # `cpu`, `cuda` or None (CUDA when availabl
     "Run this process's trainings on `device` with `threads` CPU threads."
     if device == "cpu": os.environ["CUDA_VISIBLE_DEVICES"] = ""
     elif device not in (None, "cuda", "auto"): raise ValueError(f"device={device!r}: use 'cpu', 'cuda' or None.")
-    if threads: torch.set_num_threads(int(threads))
+    if threads:
+        import torch
+        torch.set_num_threads(int(threads))
 
 # %% ../nbs/12_runner.ipynb #85094333
 def run_section(section:str, # a section id in `kdnb.paper.SECTIONS`
@@ -442,5 +465,6 @@ def run_section(section:str, # a section id in `kdnb.paper.SECTIONS`
     specs = section_grid(section, preset=preset,
                          **{k: v for k, v in overrides.items() if v is not None})
     run_grid(specs, study, progress=progress, errors=errors, workers=workers)
+    from kdnb.report import baselines   # matplotlib and seaborn: only a section's results need them
     if sec.baselines: baselines(sorted({s.dataset for s in specs}), sec.baselines, data_dir=data_dir, cache_dir=study)
     return load_results(study)

@@ -8,7 +8,6 @@ import zlib
 from pathlib import Path
 import numpy as np, pandas as pd
 from scipy import sparse
-from seqeval.metrics.sequence_labeling import get_entities
 from .metrics import ids_to_tags, _to_ids
 
 # %% auto #0
@@ -77,6 +76,7 @@ def f1_weighted(gold, # gold labels (classification) or tag lists (NER), one per
 
 def _entity_counts(gold, pred):
     "(correct, gold, predicted) entity counts of one sentence, entities as seqeval finds them."
+    from seqeval.metrics.sequence_labeling import get_entities   # imported here: seqeval loads scikit-learn
     g, p = set(get_entities(gold)), set(get_entities(pred))
     return len(g & p), len(g), len(p)
 

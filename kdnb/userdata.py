@@ -6,12 +6,11 @@
 from __future__ import annotations
 import json, math, os, re, sys
 from pathlib import Path
-import datasets
-from datasets import ClassLabel, Dataset, DatasetDict
+# `datasets` and kdnb.models (torch) are imported where data is read and configs checked: the CLI and the
+# report look datasets up here without loading either
 from .data import BENCHMARKS, Benchmark
 from .loader import DataFileError, SPLITS, _CHECKED, _LABEL_IDS
 from .data import _benchmark
-from .models import model_config
 from .initialize import SUPPORTED
 from .spec import TINY_MODELS
 
@@ -54,6 +53,7 @@ _ROLES = {"classification": ("text", "label"), "ner": ("tokens", "tags")}
 
 def _load(source, config=None) -> DatasetDict:
     "`datasets.load_dataset` on a file, a folder, a {split: file} dict or a hub id, with one clear error."
+    import datasets
     try:
         if isinstance(source, dict):
             files = {k: str(Path(v).expanduser()) for k, v in source.items()}
@@ -200,6 +200,7 @@ class UserData:
     def __init__(self, source, dd:DatasetDict): self.source, self.dd = source, dd
     def __repr__(self): return f"UserData({self.source!r})"
     def __call__(self, b:Benchmark, languages:list, data_dir=None) -> DatasetDict:
+        from datasets import DatasetDict
         keep = set(languages)
         return DatasetDict({s: d.filter(lambda l: l in keep, input_columns="language") if set(d["language"]) - keep else d
                             for s, d in self.dd.items()})
@@ -224,6 +225,7 @@ def register_benchmark(name:str, # the name specs use (or a path / hub id, which
                        config:str|None=None, # the hub dataset's subset
                       ) -> Benchmark:
     "Read and check a user dataset, add it to `BENCHMARKS` as `name`, and return its `Benchmark`."
+    from datasets import ClassLabel, Dataset, DatasetDict
     builtin = name in BENCHMARKS and not isinstance(BENCHMARKS[name].reader, UserData)
     if not isinstance(name, str) or not name.strip() or builtin:
         raise ValueError(f"register_benchmark: name={name!r} is {'a built-in benchmark' if builtin else 'not a name'}; choose another name.")
@@ -304,6 +306,7 @@ def register_datasets(d:dict, # {name: {"path": source, and register_benchmark o
 _HEAD = {"classification": "ForSequenceClassification", "ner": "ForTokenClassification"}
 
 def _config(name, what):
+    from kdnb.models import model_config
     try: return model_config(name)   # also "embedded", offline
     except Exception as e:
         raise FileNotFoundError(f"Spec.{what}={name!r}: cannot read its config ({type(e).__name__}: {str(e).strip()[:200]}). "

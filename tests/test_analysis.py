@@ -197,6 +197,29 @@ def test_rerun_reuses_finished_runs(batch, tmp_path):
     print(f"re-run of 4_1_weight_copy: {time.time() - t0:.0f} s")
 
 
+TRAINING_STACK = ("torch", "transformers", "datasets", "sklearn")
+
+def test_finished_study_needs_no_training_stack(batch):
+    "Reading a finished study (a section notebook re-rendering, the report, `kdnb list`, the CLI and batch modules) imports no torch, transformers, datasets or scikit-learn: seconds per notebook kernel and per command."
+    folder, study, _ = batch
+    code = f"""
+import sys, json
+from kdnb.runner import run_section
+from kdnb import report as R
+from kdnb.cli import main, parser
+import kdnb.batch, kdnb.export, kdnb.explore
+df = run_section("4.1", "tiny", {str(study)!r}, progress=False, datasets={DATASETS!r})
+cl = R.claims(df, study_dir={str(study)!r})
+parser(); main(["list", {str(study)!r}])
+print("HEAVY", json.dumps([m for m in {TRAINING_STACK!r} if m in sys.modules]), len(df), len(cl))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    heavy, n_rows, n_claims = r.stdout.split("HEAVY ")[1].split()
+    assert int(n_rows) > 0 and int(n_claims) > 0
+    assert json.loads(heavy) == [], f"imported on a finished study: {heavy}"
+
+
 def test_cli_batch_help():
     "`kdnb batch` is a subcommand of the console script."
     r = subprocess.run([sys.executable, "-c", "import sys; from kdnb.cli import main; sys.exit(main(['batch', '--help']))"],

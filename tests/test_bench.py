@@ -65,3 +65,15 @@ def test_cpu_probe_reads_the_machine():
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["shape"] == [512, 384, 1536] and r["cores"] >= 1 and r["alone"] > 0 and r["all_cores"] > 0
+
+
+def test_bench_imports_reading_entry_points_are_light():
+    "The import benchmark runs, and every entry point that only reads a study loads none of the training stack (the training worker does)."
+    p = subprocess.run([sys.executable, "bench/bench_imports.py", "--repeat", "1", "--json"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert set(r["training worker (reference)"]["heavy"]) >= {"torch", "transformers"}
+    for name, v in r.items():
+        assert v["seconds"] > 0
+        if "reference" not in name: assert v["heavy"] == [], (name, v)

@@ -105,7 +105,7 @@ def test_own_teacher_skips_teacher_training(tmp_path):
     assert all(Spec.from_json(s.to_json()) == s for s in specs) and len({s.spec_id for s in specs}) == 4
     trained = []
     with mock.patch.object(kdnb.runner, "_train_teacher", side_effect=lambda *a, **k: trained.append(a)), \
-         mock.patch.object(kdnb.runner, "fine_tune", side_effect=AssertionError("fine_tune called")):
+         mock.patch("kdnb.train.fine_tune", side_effect=AssertionError("fine_tune called")):
         df = run_grid(specs, tmp_path/"study", progress=False)
     assert trained == [] and set(df.status) == {"done"}
     assert not (tmp_path/"study"/"teachers").exists() and Store(tmp_path/"study").rows("teachers") == []
@@ -119,7 +119,7 @@ def _no_training():
     import kdnb.runner
     boom = AssertionError("training started")
     return [mock.patch.object(kdnb.runner, "_train_teacher", side_effect=boom),
-            mock.patch.object(kdnb.runner, "fine_tune", side_effect=boom), mock.patch.object(kdnb.runner, "distill", side_effect=boom)]
+            mock.patch("kdnb.train.fine_tune", side_effect=boom), mock.patch("kdnb.train.distill", side_effect=boom)]   # the runner imports them when it trains
 
 
 @pytest.mark.parametrize("case", ["unknown column", "missing split", "label outside the label set", "empty language",
