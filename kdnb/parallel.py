@@ -314,7 +314,7 @@ def run_parallel(specs:Iterable, # specs (or spec dicts) to run
         raise ValueError(f"runner {getattr(runner, '__qualname__', runner)!r} cannot be sent to worker processes ({e}): "
                          "use a module-level function of an importable module, or workers=1.") from None
     if real:
-        for s in specs: R.check_ready(s)
+        for s in R.unfinished(specs, study_dir): R.check_ready(s)   # what will run: a finished grid loads no model config
     store, since = R.Store(study_dir), time.time()
     store.register(specs)
     status = {r["spec_id"]: r["status"] for r in store.rows()}

@@ -25,8 +25,8 @@ from .stats import PREDICTIONS
 # and score: a section whose runs are all in the store (a notebook rendering them, `kdnb list`) never loads them
 
 # %% auto #0
-__all__ = ['load_specs', 'teacher_dir', 'ensure_teacher', 'GridFailed', 'run_grid', 'run_dir', 'check_ready', 'run_spec',
-           'use_device', 'run_section']
+__all__ = ['load_specs', 'teacher_dir', 'ensure_teacher', 'GridFailed', 'unfinished', 'run_grid', 'run_dir', 'check_ready',
+           'run_spec', 'use_device', 'run_section']
 
 # %% ../nbs/12_runner.ipynb #5132d0f3
 def load_specs(src:str|Path|dict|list, # a JSON file path, or the parsed JSON: a spec, a list, a grid or a section
@@ -145,6 +145,14 @@ def _run_one(store:Store, spec:Spec, study_dir, runner, progress, cleanup=None)-
     if cleanup is not None: cleanup(spec)
     return None
 
+def unfinished(specs:list, # specs
+               study_dir:str|Path, # the study folder
+              )->list:
+    "The specs not done in `study_dir`'s store (all of them without a store), read without creating the store."
+    if not store_file(study_dir).exists(): return list(specs)
+    done = {r["spec_id"] for r in Store(study_dir).rows() if r["status"] == "done"}
+    return [s for s in specs if s.spec_id not in done]
+
 def run_grid(specs:Spec|Iterable[Spec|dict], # specs (or spec dicts) to run
              study_dir:str|Path, # the study folder (holds `results.sqlite`, teachers and runs)
              *,
@@ -164,9 +172,7 @@ def run_grid(specs:Spec|Iterable[Spec|dict], # specs (or spec dicts) to run
     cleanup, real = None, runner is None
     runner = runner or run_spec
     if real:
-        done = {r["spec_id"] for r in Store(study_dir).rows() if r["status"] == "done"} if store_file(study_dir).exists() else set()
-        for s in specs:
-            if s.spec_id not in done: check_ready(s)   # what will run: a finished grid loads no model config
+        for s in unfinished(specs, study_dir): check_ready(s)   # what will run: a finished grid loads no model config
         if not keep_checkpoints: cleanup = lambda s: shutil.rmtree(run_dir(s, study_dir)/"checkpoints", ignore_errors=True)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("run_grid runs whole specs per process, so it cannot run under torchrun/accelerate launch: "

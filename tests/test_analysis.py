@@ -213,7 +213,8 @@ cl = R.claims(df, study_dir={str(study)!r})
 parser(); main(["list", {str(study)!r}])
 print("HEAVY", json.dumps([m for m in {TRAINING_STACK!r} if m in sys.modules]), len(df), len(cl))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    env = {**os.environ, "KDNB_WORKERS": "auto"}   # as `kdnb batch` sets it for its notebooks: the pooled grid's path
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     heavy, n_rows, n_claims = r.stdout.split("HEAVY ")[1].split()
     assert int(n_rows) > 0 and int(n_claims) > 0
