@@ -6,7 +6,7 @@
 from __future__ import annotations
 from collections import Counter
 import numpy as np
-# scikit-learn and seqeval are imported where they score (2 s at import): the report reads stored scores
+# scikit-learn and seqeval are imported where they score (seconds at import): the report reads stored scores
 
 # %% auto #0
 __all__ = ['macro_f1', 'ner_f1', 'ids_to_tags', 'score', 'compute_metrics', 'scores_by_language', 'majority_baseline',

@@ -259,10 +259,10 @@ def _tokenizer(model:str):
 # %% ../nbs/12_runner.ipynb #98b50362
 def _keep_ids(spec:Spec, study_dir):
     "Token ids used anywhere in `spec.dataset` (cached on disk per model, dataset and max length)."
-    key = _hash(dict(model=spec.model, dataset=spec.dataset, max_length=spec.max_length))
-    p = Path(study_dir)/"vocab"/f"{key}.pt"
     import torch
     from kdnb.models import used_token_ids
+    key = _hash(dict(model=spec.model, dataset=spec.dataset, max_length=spec.max_length))
+    p = Path(study_dir)/"vocab"/f"{key}.pt"
     def make():
         if p.exists(): return torch.load(p)
         b, tok = BENCHMARKS[spec.dataset], _tokenizer(spec.model)

@@ -68,15 +68,15 @@ def f1_weighted(gold, # gold labels (classification) or tag lists (NER), one per
         present = den > 0
         return np.divide((f1 * present).sum(1), present.sum(1), out=np.zeros(len(w)), where=present.sum(1) > 0)
     if task == "ner":
-        counts = np.array([_entity_counts(list(gs), list(ps)) for gs, ps in zip(gold, pred)], dtype=float).reshape(-1, 3)
+        from seqeval.metrics.sequence_labeling import get_entities   # imported here, once: seqeval loads scikit-learn
+        counts = np.array([_entity_counts(list(gs), list(ps), get_entities) for gs, ps in zip(gold, pred)], dtype=float).reshape(-1, 3)
         tp, ng, npred = (w @ counts).T
         den = ng + npred
         return np.divide(2 * tp, den, out=np.zeros_like(den), where=den > 0)
     raise ValueError(f"Unknown task {task!r}; use 'classification' or 'ner'.")
 
-def _entity_counts(gold, pred):
-    "(correct, gold, predicted) entity counts of one sentence, entities as seqeval finds them."
-    from seqeval.metrics.sequence_labeling import get_entities   # imported here: seqeval loads scikit-learn
+def _entity_counts(gold, pred, get_entities):
+    "(correct, gold, predicted) entity counts of one sentence, entities as seqeval's `get_entities` finds them."
     g, p = set(get_entities(gold)), set(get_entities(pred))
     return len(g & p), len(g), len(p)
 
