@@ -5,6 +5,7 @@ BENCHMARKS.md by hand.
     python bench/bench_grid.py --out bench/results             # the tiny grid (section 4.1, preset tiny: 13 runs)
     python bench/bench_grid.py --demo --out bench/results      # the demo grid (section 4.1, preset demo) (~25 min on 2 cores)
     python bench/bench_grid.py --smoke --out /tmp/grid-smoke   # 4 tiny runs, 1x2 and 2x1: checks the benchmark runs
+    python bench/bench_grid.py --demo --section all --splits 2x1 1x2 --out bench/results   # the whole grid of `kdnb batch --preset demo` (~35 min)
 
 Each split runs the whole grid, teachers included, into a fresh study folder in a child process: with W > 1 workers
 that is `kdnb.parallel.run_parallel` (a scheduler and W worker processes of T threads), with W = 1 the sequential
@@ -21,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from kdnb.paper import section_grid
-from kdnb.parallel import cpu_cores
+from kdnb.parallel import batch_specs, cpu_cores
+from kdnb.batch import NOTEBOOKS
 
 CHILD = """
 import json, os, resource, sys, time
@@ -35,7 +37,7 @@ t0 = time.time()
 if {workers} == 1: df = run_grid(specs, {study!r}, progress=False, workers=1)
 else: df = run_parallel(specs, {study!r}, workers={workers}, threads={threads}, progress=False)
 me = resource.getrusage(resource.RUSAGE_SELF)
-print("RESULT " + json.dumps(dict(seconds=time.time() - t0, status=sorted(set(df.status)), own_cpu=me.ru_utime + me.ru_stime,
+print("RESULT " + json.dumps(dict(seconds=time.time() - t0, t0=t0, t1=time.time(), status=sorted(set(df.status)), own_cpu=me.ru_utime + me.ru_stime,
       metrics={{r.spec_id: [round(r.dev_f1, 4), round(r.test_f1, 4), int(r.best_step)] for r in df.itertuples()}})))
 """
 
@@ -59,6 +61,21 @@ def _machine() -> str:
             f"{', AVX-512' if 'avx512f' in info.get('flags', '') else ''}); torch CPU capability {isa}" + (f" ({limits})" if limits else ""))
 
 
+def timeline(study:Path, t0:float, t1:float, workers:int) -> dict:
+    "Seconds of the grid (from `t0` to `t1`) with 0, 1, ... `workers` runs going, read from the store's start and finish times."
+    import sqlite3
+    con = sqlite3.connect(study/"results.sqlite")
+    iv = [r for t in ("teachers", "runs") for r in con.execute(f"SELECT started_at, finished_at FROM {t}") if None not in r]
+    con.close()
+    going, n, last = [0.0] * (workers + 1), 0, t0
+    for t, d in sorted([(a, 1) for a, _ in iv] + [(b, -1) for _, b in iv]):
+        going[min(n, workers)] += t - last   # a teacher trained inside its first student's run (1 worker) counts once
+        n, last = n + d, t
+    going[0] += t1 - last
+    return dict(first_start=round(min(a for a, _ in iv) - t0, 2), last_finish=round(t1 - max(b for _, b in iv), 2),
+                going=[round(g, 2) for g in going])
+
+
 def run_split(specs, workers:int, threads:int, tmp:Path) -> dict:
     "Run `specs` with `workers` x `threads` in a child process tree; wall time, CPU time and the metrics."
     study = tmp/f"study-{workers}x{threads}"
@@ -76,7 +93,13 @@ def run_split(specs, workers:int, threads:int, tmp:Path) -> dict:
     cores = cpu_cores()
     return dict(workers=workers, threads=threads, runs=len(specs), wall_seconds=round(wall, 2), grid_seconds=round(res["seconds"], 2),
                 runs_per_hour=round(len(specs) / wall * 3600, 1), cpu_seconds=round(cpu, 2), top_cpu_seconds=round(res["own_cpu"], 2),
-                utilisation=round(cpu / (wall * cores), 3), load_before=round(load, 2), metrics=res["metrics"])
+                utilisation=round(cpu / (wall * cores), 3), load_before=round(load, 2), metrics=res["metrics"],
+                timeline=timeline(study, res["t0"], res["t1"], workers))
+
+
+def grid_specs(section:str, preset:str) -> list:
+    "The specs of a section's grid, or with `all` those `kdnb batch --preset` runs (every section's)."
+    return batch_specs(NOTEBOOKS, preset) if section == "all" else section_grid(section, preset)
 
 
 def splits_for(cores:int) -> list[tuple[int, int]]:
@@ -91,11 +114,12 @@ def splits_for(cores:int) -> list[tuple[int, int]]:
 
 def report(r:dict) -> str:
     rows = "\n".join(f"| {s['workers']} x {s['threads']} | {s['runs']} | {s['wall_seconds']:.1f} | {s['runs_per_hour']:.0f} | "
-                     f"{s['cpu_seconds']:.1f} | {100 * s['utilisation']:.0f}% | {s['load_before']:.2f} |" for s in r["splits"])
+                     f"{s['cpu_seconds']:.1f} | {100 * s['utilisation']:.0f}% | {' / '.join(f'{g:.0f}' for g in s['timeline']['going'])} | "
+                     f"{s['load_before']:.2f} |" for s in r["splits"])
     best = max(r["splits"], key=lambda s: s["runs_per_hour"])
     return (f"# Grid throughput: {r['grid']}\n\nMachine: {r['machine']} ({r['cores']} usable cores), Python {r['python']}.\n\n"
-            "| workers x threads | runs | wall s | runs/hour | CPU s (process tree) | CPU utilisation | load before |\n"
-            "|---|---|---|---|---|---|---|\n" + rows +
+            "| workers x threads | runs | wall s | runs/hour | CPU s (process tree) | CPU utilisation | s with 0 / 1 / ... runs going | load before |\n"
+            "|---|---|---|---|---|---|---|---|\n" + rows +
             f"\n\nFastest: {best['workers']} x {best['threads']}. Same metrics in every split (4 decimals): {r['same_metrics']}.\n")
 
 
@@ -103,12 +127,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="4 runs of the tiny grid, splits 1x2 and 2x1: checks the benchmark runs")
     ap.add_argument("--demo", action="store_true", help="the demo preset's grid instead of the tiny one (long)")
-    ap.add_argument("--section", default="4.1", help="the paper section whose grid is run (default: 4.1)")
+    ap.add_argument("--section", default="4.1", help="the paper section whose grid is run (default: 4.1), or `all`: the grid of "
+                    "`kdnb batch` for the preset, every section's runs")
     ap.add_argument("--splits", nargs="+", default=None, metavar="WxT", help="splits to run, e.g. 1x2 2x1 (default: from the cores)")
     ap.add_argument("--out", default="bench/results", help="folder for grid.json and grid.md")
     a = ap.parse_args(argv)
     preset = "demo" if a.demo else "tiny"
-    specs = section_grid(a.section, preset)
+    specs = grid_specs(a.section, preset)
     if a.smoke: specs = specs[:4]
     cores = cpu_cores()
     splits = ([tuple(map(int, s.lower().split("x"))) for s in a.splits] if a.splits else
@@ -122,7 +147,7 @@ def main(argv=None):
             print(f"  {done[-1]['wall_seconds']:.1f} s, {done[-1]['runs_per_hour']:.0f} runs/hour, "
                   f"CPU utilisation {100 * done[-1]['utilisation']:.0f}%", flush=True)
     cpu = _machine()
-    r = dict(grid=f"section {a.section}, preset {preset}" + (" (first 4 runs)" if a.smoke else ""), cores=cores, machine=cpu,
+    r = dict(grid=("every section (the batch's grid)" if a.section == "all" else f"section {a.section}") + f", preset {preset}" + (" (first 4 runs)" if a.smoke else ""), cores=cores, machine=cpu,
              python=platform.python_version(), splits=done,
              same_metrics=all(s["metrics"] == done[0]["metrics"] for s in done))
     (out/"grid.json").write_text(json.dumps(r, indent=1))

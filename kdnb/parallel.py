@@ -19,7 +19,7 @@ from .integrity import read_connection
 
 # %% auto #0
 __all__ = ['WORKERS_ENV', 'WORKER_MEMORY_GB', 'GRID_PARAMETERS', 'cpu_cores', 'visible_gpus', 'WorkerPlan', 'plan_workers',
-           'Progress', 'claim_alive', 'progress', 'watch', 'cache_group', 'run_parallel', 'batch_specs']
+           'Progress', 'claim_alive', 'progress', 'watch', 'cache_group', 'run_cost', 'run_parallel', 'batch_specs']
 
 # %% ../nbs/24_parallel.ipynb #1a51bd7e
 WORKERS_ENV = "KDNB_WORKERS" # run_grid's default number of worker processes: an int or `auto` (unset: 1, in-process)
@@ -284,6 +284,37 @@ def _pick(free:list, # specs that can run now, in queue order
     for want in (lambda g: g is not None and g == mine, lambda g: g is None or g not in others, lambda g: True):
         if s := next((s for s in free if want(cache_group(s))), None): return s
 
+# %% ../nbs/24_parallel.ipynb #e20901a7
+def _per_language(counts:list, # examples per language
+                  part, # a fraction in (0, 1], a count per language, or None (all)
+                 )->float:
+    if part is None: return float(sum(counts))
+    return float(sum(n * part if isinstance(part, float) else min(n, part) for n in counts))
+
+def run_cost(spec, # a spec whose checks passed (`kdnb.runner.check_ready`): its data and model config are read
+             training:bool=False, # with an `init='teacher'` spec: the cost of training the teacher, not of testing it
+            )->float:
+    "Rough relative cost of running `spec`: forward passes over its examples x the model's layers x width², to start the longest first."
+    import math
+    from kdnb.checks import check_data, spec_config, spec_languages, student_shape
+    counts, langs, cfg = check_data(spec), spec_languages(spec), spec_config(spec)
+    split = lambda s, ls: [counts[l][s] for l in ls]
+    width = lambda L, H: L * H * H
+    if cfg is None: big = small = 1.0   # config unreachable: examples only
+    else:
+        big = width(cfg.num_hidden_layers, cfg.hidden_size)
+        shape = student_shape(spec, cfg)
+        small = big if spec.init == "teacher" else width(shape["num_layers"], shape["hidden_size"] or cfg.hidden_size)
+    test = _per_language(split("test", langs["test"]), spec.eval_subset)
+    if spec.init == "copy-only" or (spec.init == "teacher" and not training): return small * test
+    n = _per_language([min(c, spec.train_sample or c) for c in split("train", langs["train"])], spec.subset)
+    steps = spec.max_steps if spec.max_steps > 0 else math.ceil(n / spec.batch_size) * spec.epochs
+    seen = steps * spec.batch_size   # training examples, with repeats
+    evals = 1 / spec.eval_steps if isinstance(spec.eval_steps, float) else steps / spec.eval_steps
+    dev = _per_language(split("dev", langs["train"]), spec.eval_subset)
+    kd = big * seen if spec.kd and spec.init != "teacher" else 0.0   # the teacher's forward pass (a worker's cache may save it)
+    return small * (3 * seen + evals * dev + test) + kd
+
 # %% ../nbs/24_parallel.ipynb #09cf1a09
 def _give_up(store, kind, spec, since, msg):
     "Mark `spec`'s row (or its teacher's) failed with `msg`, through a claim of our own."
@@ -325,6 +356,9 @@ def run_parallel(specs:Iterable, # specs (or spec dicts) to run
     teachers = {}   # teacher_key -> a spec that uses it: trained first, one worker each
     for s in todo:
         if real and s.uses_teacher: teachers.setdefault(s.teacher_key, s)
+    if real:   # the longest first, teachers and specs: the grid ends on short runs (`run_cost`)
+        todo.sort(key=run_cost, reverse=True)
+        teachers = dict(sorted(teachers.items(), key=lambda kv: run_cost(kv[1].teacher_spec(), training=True), reverse=True))
     ready, broken = set(), {}   # teachers ready, teachers failed (-> error)
     def teacher_state(k):
         r = store.row(k, "teachers")

@@ -55,8 +55,26 @@ def test_bench_grid_smoke(tmp_path):
     # the process tree is measured: with workers, the top process (the scheduler) is only part of the CPU time
     assert two["cpu_seconds"] > two["top_cpu_seconds"] + 1 and r["splits"][0]["cpu_seconds"] >= r["splits"][0]["top_cpu_seconds"]
     assert r["same_metrics"] is True and r["splits"][0]["metrics"] == two["metrics"]
+    for s in r["splits"]:   # the store's timeline covers the grid: seconds with 0, 1, 2 runs going
+        t = s["timeline"]
+        assert len(t["going"]) == s["workers"] + 1 and sum(t["going"]) == pytest.approx(s["grid_seconds"], abs=0.1)
+        assert 0 <= t["first_start"] < s["grid_seconds"] and 0 <= t["last_finish"] < s["grid_seconds"]
+    assert two["timeline"]["going"][2] > 0, two["timeline"]   # two workers trained at once
     md = (out / "grid.md").read_text()
     assert "runs/hour" in md and "| 2 x 1 |" in md and "Same metrics in every split (4 decimals): True" in md
+
+def test_bench_grid_all_is_the_batch_grid():
+    "`--section all` times the grid `kdnb batch` runs: every section's specs of the preset, as the batch registers them."
+    sys.path.insert(0, str(ROOT / "bench"))
+    try: import bench_grid
+    finally: sys.path.remove(str(ROOT / "bench"))
+    from kdnb.batch import NOTEBOOKS
+    from kdnb.parallel import batch_specs
+    from kdnb.paper import section_grid
+    everything = bench_grid.grid_specs("all", "demo")
+    assert [s.spec_id for s in everything] == [s.spec_id for s in batch_specs(NOTEBOOKS, "demo")]
+    assert {s.spec_id for s in section_grid("4.1", "demo")} < {s.spec_id for s in everything}
+    assert [s.spec_id for s in bench_grid.grid_specs("4.1", "tiny")] == [s.spec_id for s in section_grid("4.1", "tiny")]
 
 def test_cpu_probe_reads_the_machine():
     "The probe recorded beside timed runs prints its readings as one JSON line."

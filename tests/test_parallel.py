@@ -29,6 +29,8 @@ def test_two_workers_match_one(tmp_path):
     torch.set_num_threads(1)
     specs = grid(**BASE, init=["teacher", "from-teacher", "from-scratch"], kd=[False, True]) + \
             grid(**{**BASE, "seed": 1}, init="from-teacher", kd=True)          # 6 specs, 2 teachers
+    longest = Spec(**{**BASE, "max_steps": 12, "eval_steps": 4}, init="from-scratch", kd=False)   # twice the steps, no teacher
+    specs.append(longest)   # last in the grid: the scheduler starts it first (longest first)
     one = run_grid(specs, tmp_path/"one", progress=False, workers=1)
     two = run_grid(specs, tmp_path/"two", progress=False, workers=2)
     cols = ["spec_id", "label", "dev_f1", "test_f1", "best_step", "status"]
@@ -44,6 +46,8 @@ def test_two_workers_match_one(tmp_path):
         if s.uses_teacher:   # a student (and the teacher's own spec) starts only once its teacher is trained
             assert r.started_at.timestamp() >= teachers[s.teacher_key]["finished_at"] - 1e-3
     assert st.integrity() == "ok"
+    started = sorted(rows, key=lambda r: r["started_at"])
+    assert started[0]["spec_id"] == longest.spec_id, [json.loads(r["spec"]).get("init") for r in started]
 
 
 SLOW = """
