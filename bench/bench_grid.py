@@ -84,6 +84,7 @@ def run_split(specs, workers:int, threads:int, tmp:Path) -> dict:
     code = textwrap.dedent(CHILD.format(threads=threads, workers=workers, specs=str(sp), study=str(study)))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if hasattr(os, "sync"): os.sync()   # the previous split's writes (a model per run, GBs) go to disk now, not during this one
     load, cpu0, t0 = os.getloadavg()[0], _cpu_children(), time.time()
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     wall, cpu = time.time() - t0, _cpu_children() - cpu0
