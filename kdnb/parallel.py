@@ -288,6 +288,7 @@ def _pick(free:list, # specs that can run now, in queue order
 def _per_language(counts:list, # examples per language
                   part, # a fraction in (0, 1], a count per language, or None (all)
                  )->float:
+    "The examples left after taking `part` of each language's `counts`."
     if part is None: return float(sum(counts))
     return float(sum(n * part if isinstance(part, float) else min(n, part) for n in counts))
 
