@@ -94,7 +94,10 @@ def test_sigkill_resume(tmp_path, base, monkeypatch):
     p = subprocess.Popen([sys.executable, str(script)], env={**ENV, "KDNB_CHECKPOINT_EVERY": "0"}, stderr=subprocess.PIPE)
     ckpts = run_dir(slow, study)/"checkpoints"
     deadline = time.time() + 180
-    while not any((c/"trainer_state.json").exists() for c in ckpts.glob("checkpoint-*")):
+    def complete(c):   # trainer_state.json is the checkpoint's last file: present *and* whole (not mid-write)
+        try: return json.loads((c/"trainer_state.json").read_text()) is not None
+        except (OSError, ValueError): return False
+    while not any(complete(c) for c in ckpts.glob("checkpoint-*")):
         assert p.poll() is None, f"the grid ended before it could be killed: {p.stderr.read().decode()[-2000:]}"
         assert time.time() < deadline, "no checkpoint appeared in time"
         time.sleep(0.01)

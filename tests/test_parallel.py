@@ -28,7 +28,7 @@ def test_two_workers_match_one(tmp_path):
     import torch
     torch.set_num_threads(1)
     specs = grid(**BASE, init=["teacher", "from-teacher", "from-scratch"], kd=[False, True]) + \
-            grid(**{**BASE, "seed": 1}, init="from-teacher", kd=True)          # 6 specs, 2 teachers
+            grid(**{**BASE, "seed": 1}, init="from-teacher", kd=True)          # 6 specs, 2 teachers (+1 below)
     longest = Spec(**{**BASE, "max_steps": 12, "eval_steps": 4}, init="from-scratch", kd=False)   # twice the steps, no teacher
     specs.append(longest)   # last in the grid: the scheduler starts it first (longest first)
     one = run_grid(specs, tmp_path/"one", progress=False, workers=1)
