@@ -55,6 +55,7 @@ def test_bench_grid_smoke(tmp_path):
     # the process tree is measured: with workers, the top process (the scheduler) is only part of the CPU time
     assert two["cpu_seconds"] > two["top_cpu_seconds"] + 1 and r["splits"][0]["cpu_seconds"] >= r["splits"][0]["top_cpu_seconds"]
     assert r["same_metrics"] is True and r["splits"][0]["metrics"] == two["metrics"]
+    assert r["differ"] == 0 and r["same_threads_agree"] is True
     for s in r["splits"]:   # the store's timeline covers the grid: seconds with 0, 1, 2 runs going
         t = s["timeline"]
         assert len(t["going"]) == s["workers"] + 1 and sum(t["going"]) == pytest.approx(s["grid_seconds"], abs=0.1)
@@ -62,6 +63,23 @@ def test_bench_grid_smoke(tmp_path):
     assert two["timeline"]["going"][2] > 0, two["timeline"]   # two workers trained at once
     md = (out / "grid.md").read_text()
     assert "runs/hour" in md and "| 2 x 1 |" in md and "Same metrics in every split (4 decimals): True" in md
+
+def test_bench_grid_compares_metrics_by_threads():
+    "A different worker count must leave every metric as it was (else exit 1); a different thread count may change some."
+    sys.path.insert(0, str(ROOT / "bench"))
+    try: import bench_grid
+    finally: sys.path.remove(str(ROOT / "bench"))
+    split = lambda w, t, m: dict(workers=w, threads=t, metrics=m)
+    a, b = {"r1": [0.5, 0.4], "r2": [0.7, 0.6]}, {"r1": [0.5, 0.4], "r2": [0.7, 0.65]}
+    assert bench_grid.compare_metrics([split(1, 2, a), split(2, 1, a)]) == dict(same_metrics=True, differ=0, same_threads_agree=True)
+    assert bench_grid.compare_metrics([split(1, 2, a), split(2, 1, b)]) == dict(same_metrics=False, differ=1, same_threads_agree=True)
+    r = bench_grid.compare_metrics([split(1, 4, a), split(4, 1, a), split(2, 1, b)])   # 4 x 1 and 2 x 1: same threads, other metrics
+    assert r == dict(same_metrics=False, differ=1, same_threads_agree=False)
+    assert bench_grid.compare_metrics([split(2, 1, a), split(2, 1, dict(a, r3=[0.1, 0.1]))])["same_threads_agree"] is False
+    r = dict(grid="g", machine="m", cores=2, python="3", splits=[dict(split(2, 1, b), runs=2, wall_seconds=1., runs_per_hour=7200.,
+             cpu_seconds=2., utilisation=1., timeline=dict(going=[0, 0, 1]), load_before=0.)], same_metrics=False, differ=1,
+             same_threads_agree=True)
+    assert "(1 runs differ; splits with the same threads per run agree: True)" in bench_grid.report(r)
 
 def test_bench_grid_all_is_the_batch_grid():
     "`--section all` times the grid `kdnb batch` runs: every section's specs of the preset, as the batch registers them."
