@@ -14,9 +14,9 @@ from .parallel import WORKERS_ENV, plan_workers, batch_specs, cpu_cores, watch, 
 from .store import Store
 
 # %% auto #0
-__all__ = ['NOTEBOOKS', 'STALL_TIMEOUT', 'IDLE_TIMEOUT', 'BATCH_HELP', 'analysis_dir', 'KernelStalled', 'GuardedClient',
-           'GuardedEngine', 'execute_notebook', 'BatchError', 'batch_folder', 'run_batch', 'batch_arguments',
-           'add_batch_parser', 'batch_main']
+__all__ = ['NOTEBOOKS', 'STALL_TIMEOUT', 'IDLE_TIMEOUT', 'BATCH_HELP', 'analysis_dir', 'KernelStalled', 'kernel_ipc_path',
+           'GuardedClient', 'GuardedEngine', 'execute_notebook', 'BatchError', 'batch_folder', 'run_batch',
+           'batch_arguments', 'add_batch_parser', 'batch_main']
 
 # %% ../nbs/20_batch.ipynb #5928aae3
 NOTEBOOKS = (*(s.notebook for s in SECTIONS.values()), "report") # analysis notebooks in run order: each section's (`kdnb.paper`), the report last
@@ -75,6 +75,18 @@ def _cpu_seconds(pid:int|None, # a process id
         for c, cpu in kids.get(todo.pop(), []): total += cpu; todo.append(c)
     return total
 
+# %% ../nbs/20_batch.ipynb #ae7c9fb1
+import uuid
+
+def kernel_ipc_path()->str|None:
+    "A fresh path prefix for a kernel's IPC sockets in Jupyter's runtime folder; None (use TCP) on Windows or if too long."
+    if os.name != "posix": return None
+    from jupyter_core.paths import jupyter_runtime_dir
+    d = Path(jupyter_runtime_dir())
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    p = str(d/f"kdnb-{uuid.uuid4().hex[:12]}-ipc")
+    return p if len(p) + 8 < 100 else None   # + "-<port>" of each socket file
+
 # %% ../nbs/20_batch.ipynb #edfb42cd
 class GuardedClient(PapermillNotebookClient):
     "papermill's notebook client with a liveness guard: a stalled cell is interrupted and fails with the reason."
@@ -89,6 +101,11 @@ class GuardedClient(PapermillNotebookClient):
     def __init__(self, nb_man, km=None, **kw):
         super().__init__(nb_man, km=km, **kw)
         if not self.mimic_output_widgets: self.widget_registry = {}   # no OutputWidget: nothing is sent to the kernel mid-cell
+
+    def create_kernel_manager(self):
+        km = super().create_kernel_manager()
+        if path := kernel_ipc_path(): km.transport, km.ip = "ipc", path   # Unix sockets, not TCP (see `kernel_ipc_path`)
+        return km
 
     async def async_start_new_kernel_client(self, **kwargs):
         kc = await super().async_start_new_kernel_client(**kwargs)

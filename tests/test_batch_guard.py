@@ -104,3 +104,20 @@ def test_bad_timeouts(src, tmp_path):
         with pytest.raises(ValueError, match="must be a positive number of seconds"):
             run_batch("tiny", folder=tmp_path/"out", notebooks=["report"], notebooks_dir=src, progress=False, **kw)
     assert not (tmp_path/"out").exists()   # raised before any work
+
+
+@pytest.mark.skipif(__import__("os").name != "posix", reason="IPC sockets are Unix sockets; elsewhere kernels keep TCP")
+def test_kernels_use_ipc_sockets(tmp_path, capfd):
+    "A notebook's kernel talks over Unix sockets in Jupyter's runtime folder (no plain-text TCP warning), removed after."
+    from jupyter_core.paths import jupyter_runtime_dir
+    from kdnb.batch import execute_notebook
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from ipykernel.connect import get_connection_info\n"
+                                          "i = get_connection_info(unpack=True)\nprint(i['transport'], i['ip'])")]
+    nb.metadata["kernelspec"] = dict(name="python3", display_name="Python 3", language="python")
+    nbformat.write(nb, str(tmp_path/"t.ipynb"))
+    execute_notebook(tmp_path/"t.ipynb", tmp_path/"t_out.ipynb")
+    transport, ip = nbformat.read(str(tmp_path/"t_out.ipynb"), 4).cells[0].outputs[0]["text"].split()
+    assert transport == "ipc" and Path(ip).parent == Path(jupyter_runtime_dir()) and Path(ip).name.startswith("kdnb-")
+    assert not list(Path(ip).parent.glob(Path(ip).name + "-*"))   # its socket files are gone with the kernel
+    assert "without encryption" not in capfd.readouterr().err
