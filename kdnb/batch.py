@@ -303,7 +303,7 @@ def run_batch(preset:str="demo", # `demo`, `cpu-real`, `paper` or `tiny`
                host=platform.node(), python=sys.version.split()[0], versions=_versions(), notebooks=[])
     bar = tqdm(total=len(names), desc=f"kdnb batch {preset}", unit="notebook", disable=not progress)
     if specs := batch_specs(names, preset, params): Store(study_dir).register(specs)   # the whole batch's plan, for one ETA
-    with mock.patch.dict(os.environ, env), watch(study_dir, [s.spec_id for s in specs] or None, disable=not progress) as runs:
+    with mock.patch.dict(os.environ, env), watch(study_dir, specs=specs or None, disable=not progress) as runs:
         if pool and specs: _pooled_grid(specs, study_dir, log, runs)
         kw = dict(parameters=params, kernel_name=kernel_name, log_output=log_output, cwd=str(Path.cwd()),
                   stall_timeout=stall_timeout, idle_timeout=idle_timeout)   # papermill's kernels inherit the environment

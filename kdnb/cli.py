@@ -92,7 +92,7 @@ def _run(args):
         print(f"{len(specs)} specs (dry run: checked, nothing was trained)")
         return 0
     plan_workers(args.workers)   # a bad --workers fails here, before anything runs
-    with watch(args.study, [s.spec_id for s in specs], disable=args.no_progress):   # done/running/failed/pending, ETA
+    with watch(args.study, specs=specs, disable=args.no_progress):   # done/running/failed/pending, ETA by work
         df = run_grid(specs, args.study, progress=False, wait=not args.no_wait, errors=args.errors,
                       keep_checkpoints=args.keep_checkpoints, workers=args.workers,
                       report_to=args.report_to)

@@ -18,8 +18,9 @@ from .spec import Spec
 from .integrity import read_connection
 
 # %% auto #0
-__all__ = ['WORKERS_ENV', 'WORKER_MEMORY_GB', 'GRID_PARAMETERS', 'cpu_cores', 'visible_gpus', 'WorkerPlan', 'plan_workers',
-           'Progress', 'claim_alive', 'progress', 'watch', 'cache_group', 'run_cost', 'run_parallel', 'batch_specs']
+__all__ = ['WORKERS_ENV', 'WORKER_MEMORY_GB', 'WORK_BAR', 'GRID_PARAMETERS', 'cpu_cores', 'visible_gpus', 'WorkerPlan',
+           'plan_workers', 'Progress', 'claim_alive', 'progress', 'watch', 'cache_group', 'run_cost', 'work_costs',
+           'work_done', 'seconds_left', 'run_parallel', 'batch_specs']
 
 # %% ../nbs/24_parallel.ipynb #1a51bd7e
 WORKERS_ENV = "KDNB_WORKERS" # run_grid's default number of worker processes: an int or `auto` (unset: 1, in-process)
@@ -90,6 +91,7 @@ class Progress:
     pending:int=0 # not started, interrupted, or claimed by a process that died (the next worker takes it over)
     running_specs:list=field(default_factory=list) # a short description of each running spec
     failures:dict=field(default_factory=dict) # spec_id -> (description, error) of each failed spec
+    status:dict=field(default_factory=dict) # spec_id (runs counted) or teacher_key (every teacher) -> done / running / failed / pending
 
     @property
     def total(self)->int: return self.done + self.running + self.failed + self.pending
@@ -123,21 +125,25 @@ def progress(study_dir, # a study folder (or its `results.sqlite`)
         con = read_connection(path, timeout=30)   # never writes, also in a read-only study folder
         try:
             rows = con.execute("SELECT spec_id, spec, status, owner, lease_until, error FROM runs ORDER BY started_at").fetchall()
-            teachers = con.execute("SELECT spec, owner, lease_until FROM teachers WHERE status='running'").fetchall()
+            teachers = con.execute("SELECT teacher_key, spec, status, owner, lease_until FROM teachers").fetchall()
         except sqlite3.OperationalError as e:
             if "no such table" not in str(e): raise
         finally: con.close()
-    teachers = [(spec, owner, lease) for spec, owner, lease in teachers if claim_alive(owner, lease)]
-    training = {_spec_id(spec) for spec, *_ in teachers}   # a teacher's own run stays pending while a worker trains it
     p, seen = Progress(), set()
+    for key, spec, status, owner, lease in teachers:
+        alive = status == "running" and claim_alive(owner, lease)
+        p.status[key] = status if status in ("done", "failed") else "running" if alive else "pending"
+    teachers = [(spec, owner, lease) for key, spec, status, owner, lease in teachers if p.status[key] == "running"]
+    training = {_spec_id(spec) for spec, *_ in teachers}   # a teacher's own run stays pending while a worker trains it
     for key, spec, status, owner, lease, error in rows:
         if want is not None and key not in want: continue
         seen.add(key)
         if status == "done": p.done += 1
         elif status == "failed": p.failed += 1; p.failures[key] = (_describe(spec), error)
         elif status == "running" and claim_alive(owner, lease): p.running += 1; p.running_specs.append(_describe(spec))
-        elif key in training: p.running += 1
-        else: p.pending += 1
+        elif key in training: p.running += 1; status = "running"
+        else: p.pending += 1; status = "pending"
+        p.status[key] = status
     if want is not None: p.pending += len(want - seen)
     for spec, owner, lease in teachers: p.running_specs.insert(0, _describe(spec) + " (training)")   # shown first
     return p
@@ -151,23 +157,33 @@ class watch:
                  desc:str="runs", # the bar's label
                  interval:float=2.0, # seconds between looks at the store
                  disable:bool=False, # draw nothing and report nothing
+                 specs:Iterable|None=None, # the `Spec`s followed (then `spec_ids` may be left out): the ETA weighs each by `work_costs`
                 ):
         self.study_dir, self.desc, self.interval, self.disable = study_dir, desc, interval, disable
+        self.specs = None if specs is None else list(specs)
+        if spec_ids is None and self.specs is not None: spec_ids = [s.spec_id for s in self.specs]
         self.spec_ids = None if spec_ids is None else list(spec_ids)
         self.note = "" # shown after the counts, e.g. the notebook running now
+        self.costs = None # key -> relative cost, once the polling thread has them; None: tqdm's ETA from the count of runs
         self.last, self.bar, self._seen, self._stop, self._thread = None, None, set(), threading.Event(), None
 
     def _show(self, p:Progress):
         self.last, b = p, self.bar
         for k, (what, err) in p.failures.items():
             if k not in self._seen: self._seen.add(k); tqdm.write(f"kdnb: run {k} ({what}) failed: {err}", file=sys.stderr)
-        b.set_postfix_str(" | ".join([f"{p.running} running, {p.failed} failed, {p.pending} pending", *([self.note] if self.note else []),
-                                      *p.running_specs[:2]]), refresh=False)
+        eta = []
+        if self.costs:   # by work: tqdm's own ETA (from the count of runs) dropped from the bar
+            left = seconds_left(work_done(self._p0, self.costs), work_done(p, self.costs), time.monotonic() - self._t0)
+            eta, b.bar_format = [f"{'?' if left is None else tqdm.format_interval(left)} left"], WORK_BAR
+        b.set_postfix_str(" | ".join([", ".join([*eta, f"{p.running} running, {p.failed} failed, {p.pending} pending"]),
+                                      *([self.note] if self.note else []), *p.running_specs[:2]]), refresh=False)
         if b.total != p.total: b.total = p.total
         if (n := p.done + p.failed) != b.n: b.update(n - b.n)   # the ETA comes from the rate of these updates
         b.refresh()
 
     def _loop(self):
+        if self.specs and (self._p0.pending or self._p0.running):   # a finished grid: no data or config read for nothing
+            self.costs = work_costs(self.specs)   # here, not in `start`: the bar shows at once
         while not self._stop.wait(self.interval):
             with contextlib.suppress(sqlite3.Error): self._show(progress(self.study_dir, self.spec_ids))
 
@@ -175,6 +191,7 @@ class watch:
         "Draw the bar and start polling."
         if self.disable: return self
         p = progress(self.study_dir, self.spec_ids)
+        self._p0, self._t0 = p, time.monotonic()   # the work done before we watched does not count toward the rate
         self._seen = set(p.failures)   # failures from before are not news
         self.bar = tqdm(total=p.total, initial=p.done + p.failed, desc=self.desc, unit="run", dynamic_ncols=True)
         self._show(p)
@@ -316,6 +333,33 @@ def run_cost(spec, # a spec whose checks passed (`kdnb.runner.check_ready`): its
     kd = big * seen if spec.kd and spec.init != "teacher" else 0.0   # the teacher's forward pass (a worker's cache may save it)
     return small * (3 * seen + evals * dev + test) + kd
 
+# %% ../nbs/24_parallel.ipynb #e7a41c21
+WORK_BAR = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" # the run bar's format when the ETA is weighed by work (in the postfix)
+
+def work_costs(specs:Iterable, # the `Spec`s of a grid
+              )->dict|None:
+    "Each run's `run_cost` by `spec_id` and each teacher's training cost by `teacher_key`; None if any spec cannot be costed."
+    try:
+        costs = {s.spec_id: run_cost(s) for s in specs}
+        costs.update({s.teacher_key: run_cost(s.teacher_spec(), training=True) for s in specs if s.uses_teacher})
+    except Exception: return None   # checks not passed (they raise on their own, before any run): count runs instead
+    return costs if costs and all(c > 0 for c in costs.values()) else None
+
+def work_done(p:Progress, # what `progress` read
+              costs:dict, # key -> relative cost (`work_costs`)
+             )->float:
+    "The share of the work in `costs` done: finished or failed runs and teachers whole, running ones half."
+    credit = {"done": 1.0, "failed": 1.0, "running": 0.5}
+    return sum(c * credit.get(p.status.get(k), 0.0) for k, c in costs.items()) / sum(costs.values())
+
+def seconds_left(share_then:float, # the share of the work done when the clock started
+                 share_now:float, # ... and now
+                 elapsed:float, # seconds between the two
+                )->float|None:
+    "Seconds until the rest of the work is done at the rate its share grew; None before any grew."
+    if elapsed <= 0 or share_now <= share_then: return None
+    return (1 - share_now) * elapsed / (share_now - share_then)
+
 # %% ../nbs/24_parallel.ipynb #09cf1a09
 def _give_up(store, kind, spec, since, msg):
     "Mark `spec`'s row (or its teacher's) failed with `msg`, through a claim of our own."
@@ -397,7 +441,7 @@ def run_parallel(specs:Iterable, # specs (or spec dicts) to run
         nonlocal spawned
         pool.append(_spawn(spawned, plan, args)); spawned += 1
     try:
-        with watch(study_dir, [s.spec_id for s in specs], disable=not progress):
+        with watch(study_dir, specs=specs, disable=not progress):
             for _ in range(plan.workers): spawn()
             while queue_t or queue_s or any(w.task for w in pool):
                 for w in pool:
