@@ -6,10 +6,10 @@ the time that was really left. Run on demand; results go to BENCHMARKS.md by han
 
 `--study` reads a finished study's store (every run's and teacher's spec, start and end), `--save` keeps that
 timeline (a few dozen KB) so that it can be replayed without the study. At moments spread over the grid the replay
-builds what `kdnb.parallel.progress` would have read then and compares two estimates of the seconds left:
+builds what `kdnb.progress.progress` would have read then and compares two estimates of the seconds left:
 - by count: the runs still to finish at the average rate runs finished since the watch began (tqdm's ETA with no
   smoothing; the bar used it before `watch` weighed work);
-- by work: `kdnb.parallel.seconds_left` of the share of `work_costs` done (what `watch(..., specs=...)` shows).
+- by work: `kdnb.progress.seconds_left` of the share of `work_costs` done (what `watch(..., specs=...)` shows).
 The watch is taken to start `--lead` seconds before the first run (3 s in the demo batch of the timeline above).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from kdnb.spec import Spec
-from kdnb.parallel import Progress, work_costs, work_done, seconds_left
+from kdnb.progress import Progress, work_costs, work_done, seconds_left
 
 
 def read_timeline(study:Path) -> list[dict]:

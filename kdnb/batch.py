@@ -10,7 +10,8 @@ from unittest import mock
 from pathlib import Path
 from tqdm.auto import tqdm
 from .paper import SECTIONS, STUDY_PRESETS   # every analysis notebook accepts every study preset
-from .parallel import WORKERS_ENV, plan_workers, batch_specs, cpu_cores, watch, progress as runs_progress
+from .parallel import WORKERS_ENV, plan_workers, batch_specs, cpu_cores
+from .progress import watch, progress as runs_progress
 from .store import Store
 
 # %% auto #0

@@ -13,7 +13,8 @@ from .spec import Spec, SpecError
 from .store import results, results_by_language
 from .runner import GridFailed, load_specs, run_grid, check_ready
 from .paper import SECTIONS, STUDY_PRESETS, section_grid
-from .parallel import plan_workers, watch
+from .parallel import plan_workers
+from .progress import watch
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'PLUGINS', 'LIST_COLUMNS', 'subcommand', 'parser', 'main']

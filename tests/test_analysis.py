@@ -86,7 +86,7 @@ def test_batch_ran_every_notebook(batch):
 
 def test_batch_plan_matches_the_notebooks(batch):
     "The specs the batch registered up front (for its runs bar) are exactly the ones the notebooks ran: none left pending."
-    from kdnb.parallel import progress
+    from kdnb.progress import progress
     folder, study, _ = batch
     p = progress(study)
     assert (p.pending, p.running, p.failed) == (0, 0, 0) and p.done > 0, str(p)

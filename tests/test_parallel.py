@@ -8,7 +8,7 @@ import pytest
 from kdnb.spec import Spec, grid
 from kdnb.store import Store, results
 from kdnb.runner import run_grid
-from kdnb.parallel import progress
+from kdnb.progress import progress
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
