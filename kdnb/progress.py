@@ -26,7 +26,7 @@ def _per_language(counts:list, # examples per language
 def run_cost(spec, # a spec whose checks passed (`kdnb.runner.check_ready`): its data and model config are read
              training:bool=False, # with an `init='teacher'` spec: the cost of training the teacher, not of testing it
             )->float:
-    "Rough relative cost of running `spec`: forward passes over its examples x the model's layers x width², to start the longest first."
+    "Rough relative cost of running `spec`: forward passes over its examples x the model's layers x width² (the scheduler's order, the ETA's weights)."
     import math
     from kdnb.checks import check_data, spec_config, spec_languages, student_shape
     counts, langs, cfg = check_data(spec), spec_languages(spec), spec_config(spec)
