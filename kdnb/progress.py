@@ -171,7 +171,7 @@ class watch:
         b.set_postfix_str(" | ".join([", ".join([*eta, f"{p.running} running, {p.failed} failed, {p.pending} pending"]),
                                       *([self.note] if self.note else []), *p.running_specs[:2]]), refresh=False)
         if b.total != p.total: b.total = p.total
-        if (n := p.done + p.failed) != b.n: b.update(n - b.n)   # the ETA comes from the rate of these updates
+        if (n := p.done + p.failed) != b.n: b.update(n - b.n)   # without costs, tqdm's ETA comes from the rate of these updates
         b.refresh()
 
     def _loop(self):
